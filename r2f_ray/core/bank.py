@@ -1,0 +1,149 @@
+"""The decoder bank: every gradient decoder of one proxy model and LoRA spec, as one loadable artifact.
+
+On disk a bank is one folder: ``decoders.safetensors`` (the learned parameters) and ``manifest.json``
+(the proxy model id and weights hash, the LoRA spec, the matrices, decoder kinds and options, how it
+was trained and its held-out metrics). The LoRA init (A0, B0) is recomputed from the spec, never
+stored. Loading needs torch and safetensors only, no Ray.
+
+A bank belongs to one LoRA spec (its decoders invert that spec's A0) and one proxy model. Loading it
+for another model is refused unless the caller names a transfer mode; a different LoRA spec is always
+refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from r2f_ray.core.decoders import DecoderSet
+from r2f_ray.core.lora import LoraSpec
+from r2f_ray.core.targets import MatrixInfo
+from r2f_ray.io import atomic_dir
+
+FORMAT = "r2f-decoder-bank/1"
+MANIFEST = "manifest.json"
+WEIGHTS = "decoders.safetensors"
+# same_shapes: the target has the proxy's architecture (e.g. a fine-tune of it); decoders are reused as-is.
+TRANSFER_MODES = ("same_shapes",)
+
+
+class DecoderBank:
+    """Decoders for every adapted matrix of a proxy model under one LoRA spec."""
+
+    def __init__(self, decoders: DecoderSet, model_id: str, weights_sha256: str, info: dict | None = None):
+        self.decoders = decoders.eval()
+        self.spec: LoraSpec = decoders.spec
+        self.matrices: list[MatrixInfo] = decoders.matrices
+        self.model_id = model_id
+        self.weights_sha256 = weights_sha256
+        self.info = dict(info or {})  # training data, config, held-out metrics; free-form JSON
+        self.transfer: str | None = None  # set by ``load`` when a transfer mode was used
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        """Decoder kind per role."""
+        return dict(self.decoders.kinds)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoders.groups[next(iter(self.decoders.groups))].a0.device
+
+    def to(self, device: str | torch.device) -> "DecoderBank":
+        self.decoders.to(device)
+        return self
+
+    @classmethod
+    def naive(cls, spec: LoraSpec, matrices: list[MatrixInfo], model_id: str, weights_sha256: str) -> "DecoderBank":
+        """``grad_B @ A0`` for every matrix: no training, the reference floor."""
+        return cls(DecoderSet(matrices, spec, "naive"), model_id, weights_sha256, {"trained": False})
+
+    @torch.no_grad()
+    def decode(self, lora_grads: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+        """{name: (grad_A [r, d_in], grad_B [d_out, r])} -> {name: G_hat [d_out, d_in]} (fp32), batched per group."""
+        device = self.device
+        batch = {}
+        for name, (grad_a, grad_b) in lora_grads.items():
+            batch[name] = (grad_a.to(device, torch.float32).unsqueeze(0), grad_b.to(device, torch.float32).unsqueeze(0))
+        self._check_shapes(batch)
+        return {name: g.squeeze(0) for name, g in self.decoders(batch).items()}
+
+    def _check_shapes(self, batch: dict[str, tuple[Tensor, Tensor]]) -> None:
+        by_name = {m.name: m for m in self.matrices}
+        r = self.spec.r
+        for name, (grad_a, grad_b) in batch.items():
+            m = by_name.get(name)
+            if m is None:
+                raise ValueError(f"the bank has no decoder for {name!r}; it covers {len(by_name)} matrices "
+                                 f"({sorted({x.role for x in self.matrices})})")
+            if grad_a.shape[-2:] != (r, m.d_in) or grad_b.shape[-2:] != (m.d_out, r):
+                raise ValueError(f"{name}: expected grad_A [{r}, {m.d_in}] and grad_B [{m.d_out}, {r}], "
+                                 f"got {list(grad_a.shape[-2:])} and {list(grad_b.shape[-2:])}")
+
+    def manifest(self) -> dict:
+        return {
+            "format": FORMAT,
+            "model_id": self.model_id,
+            "weights_sha256": self.weights_sha256,
+            "lora_spec": self.spec.model_dump(mode="json"),
+            "lora_fingerprint": self.spec.fingerprint(),
+            "kinds": self.kinds,
+            "options": self.decoders.options,
+            "matrices": [asdict(m) for m in self.matrices],
+            "info": self.info,
+        }
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write the bank folder atomically (a reader never sees half a bank)."""
+        state = {k: v.detach().cpu().contiguous() for k, v in self.decoders.state_dict().items()}
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+            (tmp / MANIFEST).write_text(json.dumps(self.manifest(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path, model_id: str | None = None, weights_sha256: str | None = None,
+             spec: LoraSpec | None = None, transfer: str | None = None, device: str = "cpu") -> "DecoderBank":
+        """Load a bank; refuses (ValueError naming both sides) a model or LoRA spec it was not trained for.
+
+        ``model_id``/``weights_sha256``: the model the decoders will be used on; a mismatch is accepted
+        only with ``transfer="same_shapes"`` (a target of the proxy's architecture, e.g. its fine-tune).
+        ``spec``: the LoRA spec the caller's gradients come from; it must equal the bank's.
+        """
+        path = Path(path)
+        if transfer is not None and transfer not in TRANSFER_MODES:
+            raise ValueError(f"unknown transfer mode {transfer!r}: choose one of {list(TRANSFER_MODES)} or None")
+        if not (path / MANIFEST).is_file() or not (path / WEIGHTS).is_file():
+            raise ValueError(f"{path} is not a decoder bank (needs {MANIFEST} and {WEIGHTS}); train one with `r2f train`")
+        manifest = json.loads((path / MANIFEST).read_text())
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"{path}: unsupported bank format {manifest.get('format')!r}, this version reads {FORMAT!r}")
+        bank_spec = LoraSpec.model_validate(manifest["lora_spec"])
+        if spec is not None and spec != bank_spec:
+            raise ValueError(f"LoRA spec mismatch: the bank at {path} was trained for {bank_spec.model_dump()} "
+                             f"(fingerprint {bank_spec.fingerprint()}) but the gradients come from {spec.model_dump()} "
+                             f"(fingerprint {spec.fingerprint()}). Decoders invert one spec's A0, so no transfer mode "
+                             "applies: train a bank for this spec, or probe with the bank's spec")
+        model_mismatch = []
+        if model_id is not None and model_id != manifest["model_id"]:
+            model_mismatch.append(f"model id {manifest['model_id']!r} (bank) vs {model_id!r} (requested)")
+        if weights_sha256 is not None and weights_sha256 != manifest["weights_sha256"]:
+            model_mismatch.append(f"weights sha256 {manifest['weights_sha256'][:12]}... (bank) vs "
+                                  f"{weights_sha256[:12]}... (requested)")
+        if model_mismatch and transfer is None:
+            raise ValueError(f"model mismatch for the bank at {path}: {'; '.join(model_mismatch)}. Load it with "
+                             "transfer='same_shapes' to reuse proxy decoders on a model of the same architecture "
+                             "(e.g. a fine-tune of the proxy), or train a bank on this model")
+        matrices = [MatrixInfo(**m) for m in manifest["matrices"]]
+        decoders = DecoderSet(matrices, bank_spec, manifest["kinds"], manifest.get("options") or {})
+        state = load_file(str(path / WEIGHTS))
+        missing, unexpected = decoders.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: decoder weights do not match the manifest (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}); the bank is damaged, retrain it")
+        bank = cls(decoders.to(device), manifest["model_id"], manifest["weights_sha256"], manifest.get("info"))
+        bank.transfer = transfer if model_mismatch else None
+        return bank

@@ -1,0 +1,347 @@
+"""Gradient decoders: from a matrix's LoRA gradient (grad_A, grad_B) to an estimate of its full gradient G.
+
+One decoder per adapted matrix, but decoders of one role and shape are stacked into one module (a
+"group") whose parameters carry a leading K axis, so a model with hundreds of adapted matrices decodes
+in a handful of batched tensor ops. Shapes inside a group: grad_a [K, N, r, d_in], grad_b
+[K, N, d_out, r], G [K, N, d_out, d_in] (K matrices, N examples).
+
+Kinds (``DECODERS``; adding one is a class plus an entry):
+
+- ``naive``: ``grad_B @ A0`` (no parameters; the floor).
+- ``linear``: ``grad_B @ R``, R [r, d_in] initialised by a closed-form ridge fit.
+- ``mlp``: the linear lift plus a row-wise MLP shared over the rows of grad_B; each row is normalised
+  to unit length before the MLP and the output is scaled back by the row's norm, so gradient scales
+  that vary by orders of magnitude do not matter.
+- ``two_sided``: ``grad_B @ R + L @ grad_A`` (needs the zero-offset init, where grad_A = s B0^T G
+  carries the row space of G); rank up to 2r.
+- ``sketch``: the two-sided randomized sketch reconstruction. With Y = grad_B = s G A0^T (range
+  sketch) and W = grad_A = s B0^T G (co-range sketch), Q = orth(Y) and G ~= Q (s B0^T Q)^+ W, exact
+  when rank(G) <= r; a learned ridge keeps the small solve stable and a learned lift ``grad_B @ R``
+  (zero init) corrects what the sketch misses. Zero-offset init only.
+
+All math is plain torch: no Ray here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from r2f_ray.core.lora import LoraSpec, init_factors
+from r2f_ray.core.targets import MatrixInfo
+
+_EPS = 1e-30
+
+
+def group_key(info: MatrixInfo) -> str:
+    """Decoders of one role and shape share a group; the key is a valid ModuleDict key (no dots)."""
+    return f"{info.role}-{info.d_out}x{info.d_in}"
+
+
+class RidgeStats:
+    """Sufficient statistics of the ridge fit ``min_R sum_n w_n ||grad_B,n R - G_n||^2`` for K matrices.
+
+    Each example is weighted by ``1 / ||G_n||^2`` so every example counts equally (as under the cosine
+    loss) however large its gradient is. Statistics add up, so they can be summed across workers.
+    """
+
+    def __init__(self, gram: Tensor, cross: Tensor):
+        self.gram = gram  # [K, r, r]   sum_n w_n grad_B^T grad_B
+        self.cross = cross  # [K, r, d_in] sum_n w_n grad_B^T G
+
+    @classmethod
+    def from_batch(cls, grad_b: Tensor, full: Tensor) -> "RidgeStats":
+        grad_b, full = grad_b.double(), full.double()
+        w = 1.0 / full.pow(2).sum(dim=(-2, -1)).clamp_min(_EPS)  # [K, N]
+        gram = torch.einsum("kn,knor,knos->krs", w, grad_b, grad_b)
+        cross = torch.einsum("kn,knor,knoi->kri", w, grad_b, full)
+        return cls(gram, cross)
+
+    def __add__(self, other: "RidgeStats") -> "RidgeStats":
+        return RidgeStats(self.gram + other.gram, self.cross + other.cross)
+
+    def solve(self, ridge: float) -> Tensor:
+        """R [K, r, d_in]; ``ridge`` is relative to the mean eigenvalue of the Gram matrix."""
+        r = self.gram.shape[-1]
+        scale = self.gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(_EPS)  # [K]
+        eye = torch.eye(r, dtype=self.gram.dtype, device=self.gram.device)
+        return torch.linalg.solve(self.gram + ridge * scale[:, None, None] * eye, self.cross).float()
+
+
+class DecoderGroup(nn.Module):
+    """K stacked decoders of one kind for matrices of one role and shape.
+
+    ``forward(grad_a, grad_b, index=None)`` decodes; ``index`` [K'] picks a subset of the K members
+    (in that order) so a caller can decode only the matrices it has.
+    """
+
+    kind: str = ""
+    needs_grad_a = False  # True: only meaningful for the zero-offset init (grad_A is zero otherwise)
+    fits_ridge = False  # True: ``init_ridge`` gives it a closed-form start
+
+    def __init__(self, infos: list[MatrixInfo], spec: LoraSpec, **options):
+        super().__init__()
+        shapes = {(i.role, i.d_out, i.d_in) for i in infos}
+        if len(shapes) != 1:
+            raise ValueError(f"a decoder group holds matrices of one role and shape, got {sorted(shapes)}")
+        if options:
+            raise ValueError(f"decoder kind {self.kind!r} takes no options {sorted(options)}")
+        self.names = [i.name for i in infos]
+        self.role, self.d_out, self.d_in = infos[0].role, infos[0].d_out, infos[0].d_in
+        self.r, self.scaling = spec.r, spec.scaling
+        a0, b0 = zip(*(init_factors(spec, i) for i in infos))
+        # The LoRA init is a function of (spec, name): recomputed, never stored with the bank.
+        self.register_buffer("a0", torch.stack(a0), persistent=False)  # [K, r, d_in]
+        self.register_buffer("b0", torch.stack(b0), persistent=False)  # [K, d_out, r]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @staticmethod
+    def _pick(t: Tensor, index: Tensor | None) -> Tensor:
+        return t if index is None else t.index_select(0, index)
+
+    def init_ridge(self, stats: RidgeStats, ridge: float) -> None:
+        raise NotImplementedError(f"decoder kind {self.kind!r} has no closed-form init")
+
+    def forward(self, grad_a: Tensor | None, grad_b: Tensor, index: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+
+class NaiveGroup(DecoderGroup):
+    kind = "naive"
+
+    def forward(self, grad_a, grad_b, index=None):
+        return grad_b.float() @ self._pick(self.a0, index).unsqueeze(1)
+
+
+class LinearGroup(DecoderGroup):
+    kind = "linear"
+    fits_ridge = True
+
+    def __init__(self, infos, spec, **options):
+        super().__init__(infos, spec, **options)
+        # Before any fit, the lift starts at A0 scaled to undo s * A0^T A0 on average (E[A0^T A0] = r/(3 d_in) I).
+        self.lift = nn.Parameter(self.a0 * (3.0 * self.d_in / (self.r * self.scaling)))
+
+    def init_ridge(self, stats, ridge):
+        with torch.no_grad():
+            self.lift.copy_(stats.solve(ridge).to(self.lift))
+
+    def forward(self, grad_a, grad_b, index=None):
+        return grad_b.float() @ self._pick(self.lift, index).unsqueeze(1)
+
+
+class MLPGroup(LinearGroup):
+    kind = "mlp"
+
+    def __init__(self, infos, spec, hidden: int = 64):
+        super().__init__(infos, spec)
+        k = len(infos)
+        self.w1 = nn.Parameter(torch.randn(k, self.r, hidden) / math.sqrt(self.r))
+        self.b1 = nn.Parameter(torch.zeros(k, 1, hidden))
+        # Zero output layer: training starts exactly at the (ridge-fitted) linear lift.
+        self.w2 = nn.Parameter(torch.zeros(k, hidden, self.d_in))
+
+    def forward(self, grad_a, grad_b, index=None):
+        grad_b = grad_b.float()
+        k, n, o, r = grad_b.shape
+        linear = grad_b @ self._pick(self.lift, index).unsqueeze(1)
+        # Scale invariance: scale of grad_B rows is not informative, only their direction is.
+        rows = grad_b.reshape(k, n * o, r)
+        norm = rows.norm(dim=-1, keepdim=True)
+        unit = rows / norm.clamp_min(_EPS)
+        hidden = F.gelu(unit @ self._pick(self.w1, index) + self._pick(self.b1, index))
+        # A grad_B row has norm ~ s |g| sqrt(r / (3 d_in)) for a G row g: scale the residual back to |g|.
+        residual = (hidden @ self._pick(self.w2, index)) * norm * (math.sqrt(3.0 * self.d_in / self.r) / self.scaling)
+        return linear + residual.reshape(k, n, o, self.d_in)
+
+
+class TwoSidedGroup(LinearGroup):
+    kind = "two_sided"
+    needs_grad_a = True
+
+    def __init__(self, infos, spec, **options):
+        super().__init__(infos, spec, **options)
+        self.left = nn.Parameter(torch.zeros(len(infos), self.d_out, self.r))
+
+    def forward(self, grad_a, grad_b, index=None):
+        return super().forward(grad_a, grad_b, index) + self._pick(self.left, index).unsqueeze(1) @ grad_a.float()
+
+
+class SketchGroup(DecoderGroup):
+    kind = "sketch"
+    needs_grad_a = True
+
+    def __init__(self, infos, spec, ridge: float = 1e-3):
+        super().__init__(infos, spec)
+        k = len(infos)
+        self.log_ridge = nn.Parameter(torch.full((k, 1, 1, 1), math.log(ridge)))
+        self.lift = nn.Parameter(torch.zeros(k, self.r, self.d_in))
+
+    def forward(self, grad_a, grad_b, index=None):
+        grad_a, grad_b = grad_a.float(), grad_b.float()
+        q = torch.linalg.qr(grad_b).Q  # [K, N, d_out, r], orthonormal basis of the range sketch
+        m = self.scaling * self._pick(self.b0, index).transpose(-1, -2).unsqueeze(1) @ q  # [K, N, r, r] = s B0^T Q
+        mt = m.transpose(-1, -2)
+        gram = mt @ m
+        scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(_EPS)
+        eye = torch.eye(self.r, dtype=gram.dtype, device=gram.device)
+        ridge = self._pick(self.log_ridge, index).exp()
+        coeff = torch.linalg.solve(gram + ridge * scale * eye, mt @ grad_a)  # [K, N, r, d_in]
+        return q @ coeff + grad_b @ self._pick(self.lift, index).unsqueeze(1)
+
+
+DECODERS: dict[str, type[DecoderGroup]] = {
+    cls.kind: cls for cls in (NaiveGroup, LinearGroup, MLPGroup, TwoSidedGroup, SketchGroup)
+}
+
+
+# ---- losses: per (matrix, example) values [K, N]; the training loss is their mean ----
+
+def pair_cosine(pred: Tensor, full: Tensor) -> Tensor:
+    """Cosine between predicted and true gradients per (matrix, example), [K, N]."""
+    dot = (pred * full).sum(dim=(-2, -1))
+    return dot / (pred.norm(dim=(-2, -1)) * full.norm(dim=(-2, -1))).clamp_min(_EPS)
+
+
+def cosine_loss(pred: Tensor, full: Tensor) -> Tensor:
+    return 1.0 - pair_cosine(pred, full)
+
+
+def mse_loss(pred: Tensor, full: Tensor) -> Tensor:
+    """Squared error relative to ||G||^2: the paper's MSE made comparable across matrices and examples
+    whose gradient norms differ by orders of magnitude (plain MSE would train only the largest)."""
+    return (pred - full).pow(2).sum(dim=(-2, -1)) / full.pow(2).sum(dim=(-2, -1)).clamp_min(_EPS)
+
+
+def combined_loss(pred: Tensor, full: Tensor) -> Tensor:
+    return cosine_loss(pred, full) + mse_loss(pred, full)
+
+
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "cosine": cosine_loss, "mse": mse_loss, "combined": combined_loss,
+}
+
+
+class DecoderSet(nn.Module):
+    """Every decoder of a model: one ``DecoderGroup`` per (role, shape), kinds chosen per role.
+
+    ``kinds`` is one kind for all roles or ``{role: kind}`` (roles like ``q_proj``; missing roles use
+    ``default_kind``). ``options`` are keyword options per kind, e.g. ``{"mlp": {"hidden": 64}}``.
+    """
+
+    def __init__(self, matrices: list[MatrixInfo], spec: LoraSpec, kinds: str | dict[str, str] = "linear",
+                 options: dict[str, dict] | None = None, default_kind: str = "linear"):
+        super().__init__()
+        if not matrices:
+            raise ValueError("a decoder set needs at least one matrix")
+        self.spec = spec
+        self.matrices = list(matrices)
+        self.kinds = {m.role: (kinds if isinstance(kinds, str) else kinds.get(m.role, default_kind)) for m in matrices}
+        options = options or {}
+        for role, kind in self.kinds.items():
+            if kind not in DECODERS:
+                raise ValueError(f"unknown decoder kind {kind!r} for {role}: choose one of {sorted(DECODERS)}")
+            if DECODERS[kind].needs_grad_a and spec.init != "zero_offset":
+                raise ValueError(f"decoder kind {kind!r} ({role}) reads grad_A, which is zero under the standard LoRA "
+                                 "init: use lora.init=zero_offset for the pairs and the bank, or another kind")
+        members: dict[str, list[MatrixInfo]] = {}
+        for m in self.matrices:
+            members.setdefault(group_key(m), []).append(m)
+        self.groups = nn.ModuleDict({
+            key: DECODERS[self.kinds[infos[0].role]](infos, spec, **options.get(self.kinds[infos[0].role], {}))
+            for key, infos in members.items()})
+        self.options = options
+        # name -> (group key, position in the group)
+        self.where = {name: (key, i) for key, g in self.groups.items() for i, name in enumerate(g.names)}
+
+    def stack(self, batch: dict[str, tuple], names: list[str] | None = None) -> dict[str, tuple[list[str], Tensor | None, Tensor, Tensor | None]]:
+        """Group a per-matrix batch {name: (grad_a [N,r,d_in], grad_b [N,d_out,r][, full])} into stacked
+        tensors per group: {key: (names, grad_a [K,N,...], grad_b [K,N,...], full or None)}."""
+        unknown = [n for n in batch if n not in self.where]
+        if unknown:
+            raise ValueError(f"no decoder for matrices {unknown[:3]} (the bank covers {len(self.where)} matrices, "
+                             f"e.g. {self.matrices[0].name!r})")
+        out = {}
+        for key, group in self.groups.items():
+            present = [n for n in group.names if n in batch and (names is None or n in names)]
+            if not present:
+                continue
+            items = [batch[n] for n in present]
+            grad_a = torch.stack([it[0] for it in items])
+            grad_b = torch.stack([it[1] for it in items])
+            full = torch.stack([it[2] for it in items]) if len(items[0]) > 2 and items[0][2] is not None else None
+            out[key] = (present, grad_a, grad_b, full)
+        return out
+
+    def decode_group(self, key: str, names: list[str], grad_a: Tensor, grad_b: Tensor) -> Tensor:
+        group = self.groups[key]
+        index = None if names == group.names else torch.tensor([self.where[n][1] for n in names], device=grad_b.device)
+        return group(grad_a, grad_b, index)
+
+    def forward(self, batch: dict[str, tuple]) -> dict[str, Tensor]:
+        """{name: (grad_a [N,r,d_in], grad_b [N,d_out,r], ...)} -> {name: G_hat [N,d_out,d_in]} (fp32)."""
+        out = {}
+        for key, (names, grad_a, grad_b, _) in self.stack(batch).items():
+            pred = self.decode_group(key, names, grad_a, grad_b)
+            out.update(zip(names, pred.unbind(0)))
+        return out
+
+    def losses(self, stacked: dict, loss: str = "cosine") -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean training loss over every (matrix, example) and the per-matrix cosines [N] (detached)."""
+        fn = LOSSES[loss]
+        total, count, cosines = 0.0, 0, {}
+        for key, (names, grad_a, grad_b, full) in stacked.items():
+            pred = self.decode_group(key, names, grad_a, grad_b)
+            per = fn(pred, full.float())
+            total = total + per.sum()
+            count += per.numel()
+            cos = pair_cosine(pred.detach(), full.float())
+            cosines.update(zip(names, cos.unbind(0)))
+        return total / max(count, 1), cosines
+
+    def init_ridge(self, stats: dict[str, RidgeStats], ridge: float) -> None:
+        """Closed-form start for every group that has one, from ridge statistics keyed by group."""
+        for key, group in self.groups.items():
+            if group.fits_ridge and key in stats:
+                group.init_ridge(stats[key], ridge)
+
+    def ridge_stats(self, stacked: dict) -> dict[str, RidgeStats]:
+        """Ridge statistics of a stacked batch, per group that fits one (all members must be present)."""
+        out = {}
+        for key, (names, _, grad_b, full) in stacked.items():
+            if self.groups[key].fits_ridge:
+                if names != self.groups[key].names:
+                    raise ValueError(f"ridge statistics need every matrix of group {key}")
+                out[key] = RidgeStats.from_batch(grad_b, full)
+        return out
+
+
+def fit_local(decoders: DecoderSet, batches: list[dict], steps: int, lr: float = 1e-3, loss: str = "cosine",
+              ridge: float | None = 1e-3) -> list[float]:
+    """Train a decoder set in this process (no Ray, no DeepSpeed): ridge init from all batches, then
+    ``steps`` Adam steps cycling over the batches. For tests and quick comparisons; returns the losses."""
+    stacked = [decoders.stack(b) for b in batches]
+    if ridge is not None:
+        stats: dict[str, RidgeStats] = {}
+        for s in stacked:
+            for key, st in decoders.ridge_stats(s).items():
+                stats[key] = stats[key] + st if key in stats else st
+        decoders.init_ridge(stats, ridge)
+    params = [p for p in decoders.parameters() if p.requires_grad]
+    history = []
+    if not params:
+        return history
+    opt = torch.optim.Adam(params, lr=lr)
+    for step in range(steps):
+        value, _ = decoders.losses(stacked[step % len(stacked)], loss)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        history.append(float(value.detach()))
+    return history

@@ -1,0 +1,111 @@
+"""The decoder bank artifact: decode, save/load round trip, refusal of a mismatched model or LoRA spec."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from r2f_ray.core.bank import DecoderBank
+from r2f_ray.core.decoders import DecoderSet
+from r2f_ray.core.lora import LoraProbe, LoraSpec, init_factors, naive_lift
+
+
+def tiny_bank(tiny, spec, kinds="linear"):
+    model, _ = tiny
+    probe = LoraProbe(model, spec)
+    decoders = DecoderSet(probe.matrices, spec, kinds)
+    with torch.no_grad():
+        for p in decoders.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return probe, DecoderBank(decoders, "tiny-llama", "ab" * 32, {"note": "test"})
+
+
+def lora_grads(probe, ids):
+    cap = probe.capture(ids)
+    return {m.name: (cap.extra_grads[m.name + ".A"], cap.extra_grads[m.name + ".B"]) for m in probe.matrices}, cap
+
+
+def test_naive_bank_decodes_real_peft_lora_grads(tiny):
+    spec = LoraSpec(r=4)
+    model, _ = tiny
+    probe = LoraProbe(model, spec)
+    bank = DecoderBank.naive(spec, probe.matrices, "tiny-llama", "00" * 32)
+    grads, _ = lora_grads(probe, torch.randint(3, 200, (1, 12)))
+    out = bank.decode(grads)
+    assert set(out) == {m.name for m in probe.matrices}
+    for m in probe.matrices:
+        assert out[m.name].shape == (m.d_out, m.d_in) and out[m.name].dtype == torch.float32
+        torch.testing.assert_close(out[m.name], naive_lift(grads[m.name][1], probe.init[m.name][0]))
+
+
+def test_save_load_round_trip_decodes_the_same(tiny, tmp_path):
+    spec = LoraSpec(r=4, init="zero_offset")
+    probe, bank = tiny_bank(tiny, spec, {"q_proj": "sketch", "down_proj": "mlp"})
+    grads, _ = lora_grads(probe, torch.randint(3, 200, (1, 12)))
+    subset = dict(list(grads.items())[:5])  # a caller may decode only some matrices
+    before = bank.decode(subset)
+    bank.save(tmp_path / "bank")
+    manifest = json.loads((tmp_path / "bank" / "manifest.json").read_text())
+    assert manifest["model_id"] == "tiny-llama" and manifest["lora_spec"]["init"] == "zero_offset"
+    assert manifest["kinds"]["q_proj"] == "sketch" and manifest["info"] == {"note": "test"}
+    loaded = DecoderBank.load(tmp_path / "bank", model_id="tiny-llama", weights_sha256="ab" * 32, spec=spec)
+    after = loaded.decode(subset)
+    for name in subset:
+        torch.testing.assert_close(after[name], before[name])
+    with pytest.raises(FileExistsError):
+        bank.save(tmp_path / "bank")
+
+
+def test_bank_refuses_a_mismatched_model_unless_transfer_is_named(tiny, tmp_path):
+    spec = LoraSpec(r=4)
+    _, bank = tiny_bank(tiny, spec)
+    bank.save(tmp_path / "bank")
+    with pytest.raises(ValueError, match=r"model mismatch.*'tiny-llama' \(bank\) vs 'other' \(requested\).*same_shapes"):
+        DecoderBank.load(tmp_path / "bank", model_id="other")
+    with pytest.raises(ValueError, match="weights sha256"):
+        DecoderBank.load(tmp_path / "bank", weights_sha256="cd" * 32)
+    loaded = DecoderBank.load(tmp_path / "bank", model_id="other", transfer="same_shapes")
+    assert loaded.transfer == "same_shapes" and loaded.model_id == "tiny-llama"
+    with pytest.raises(ValueError, match="unknown transfer mode"):
+        DecoderBank.load(tmp_path / "bank", transfer="magic")
+
+
+@pytest.mark.parametrize("change", [{"r": 8}, {"seed": 1}, {"init": "zero_offset"}, {"alpha": 16.0}])
+def test_bank_refuses_a_mismatched_lora_spec_even_with_transfer(tiny, tmp_path, change):
+    spec = LoraSpec(r=4)
+    _, bank = tiny_bank(tiny, spec)
+    bank.save(tmp_path / "bank")
+    other = spec.model_copy(update=change)
+    with pytest.raises(ValueError, match=f"LoRA spec mismatch.*{spec.fingerprint()}.*{other.fingerprint()}"):
+        DecoderBank.load(tmp_path / "bank", spec=other, transfer="same_shapes")
+
+
+def test_decode_names_bad_input(tiny):
+    spec = LoraSpec(r=4)
+    probe, bank = tiny_bank(tiny, spec)
+    m = probe.matrices[0]
+    with pytest.raises(ValueError, match="no decoder for 'nope'"):
+        bank.decode({"nope": (torch.zeros(4, m.d_in), torch.zeros(m.d_out, 4))})
+    with pytest.raises(ValueError, match=f"expected grad_A \\[4, {m.d_in}\\]"):
+        bank.decode({m.name: (torch.zeros(8, m.d_in), torch.zeros(m.d_out, 8))})
+
+
+def test_load_refuses_a_folder_that_is_not_a_bank(tmp_path):
+    with pytest.raises(ValueError, match="is not a decoder bank"):
+        DecoderBank.load(tmp_path)
+
+
+def test_lora_init_is_recomputed_not_stored(tiny, tmp_path):
+    spec = LoraSpec(r=4)
+    probe, bank = tiny_bank(tiny, spec, "naive")
+    bank.save(tmp_path / "bank")
+    from safetensors.torch import load_file
+
+    assert load_file(str(tmp_path / "bank" / "decoders.safetensors")) == {}
+    loaded = DecoderBank.load(tmp_path / "bank")
+    m = probe.matrices[0]
+    key = next(k for k, g in loaded.decoders.groups.items() if m.name in g.names)
+    group = loaded.decoders.groups[key]
+    torch.testing.assert_close(group.a0[group.names.index(m.name)], init_factors(spec, m)[0])
