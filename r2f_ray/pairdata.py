@@ -16,7 +16,7 @@ Reading (all you need as a consumer)::
 With Ray Data / Ray Train shards, read only the needed columns and convert each batch::
 
     cols = ds.columns(matrices)
-    rds = ray.data.read_parquet(ds.files(), columns=cols)          # or get_dataset_shard("train")
+    rds = ray.data.read_parquet(ds.files()).select_columns(cols)   # or get_dataset_shard("train")
     for b in rds.iter_batches(batch_size=16, batch_format="numpy"):  # "pyarrow" works too
         pairs = pairs_from_batch(b, ds.manifest, matrices, device="cuda", split="train")
 
