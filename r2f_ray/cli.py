@@ -78,6 +78,48 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def pairs_config_from_args(args: argparse.Namespace):
+    """PairsConfig from --config, --set and the shortcut flags (shared by `r2f pairs` and jobs/generate_pairs.py)."""
+    from r2f_ray.pipeline.pairs import PairsConfig
+
+    overrides = {"output": args.output, "model": args.model, "source": args.source, "tokens": args.tokens,
+                 "max_examples": args.examples, "mode": args.mode, "steps": args.steps, "storage": args.storage,
+                 "dtype": args.dtype, "actors": args.actors, "lora.r": args.rank, "lora.seed": args.seed,
+                 "lora.init": args.init}
+    return load_config(PairsConfig, args.config, {**_parse_sets(args.set), **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    from r2f_ray.io import write_json
+    from r2f_ray.pipeline.pairs import format_summary, run_pairs
+
+    summary = run_pairs(pairs_config_from_args(args), progress=not args.quiet)
+    print(format_summary(summary))
+    if args.json:
+        write_json(args.json, summary)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_pairs_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--output", help="dataset folder (new, or one holding pairs of the same kind to append to)")
+    p.add_argument("--model", help="proxy: 'default' (SmolLM2-135M-Instruct), 'tiny', or a local HF folder")
+    p.add_argument("--source", help="packaged corpus (lee, wiki) or a Parquet/JSONL/text file or folder (default lee)")
+    p.add_argument("--tokens", type=int, help="tokens per example (default 64)")
+    p.add_argument("--examples", type=int, help="use at most this many examples")
+    p.add_argument("--mode", choices=["single", "minibatch", "single_step", "multi_step"], help="default single")
+    p.add_argument("--steps", type=int, help="LoRA SGD steps T (mode multi_step)")
+    p.add_argument("--storage", choices=["factors", "dense", "both"], help="default factors (exact, small)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default float32")
+    p.add_argument("--actors", type=int, help="generator actors (one per GPU on a cluster; default 1)")
+    p.add_argument("--rank", type=int, help="LoRA rank r (default 8)")
+    p.add_argument("--seed", type=int, help="LoRA init seed (default 0)")
+    p.add_argument("--init", choices=["standard", "zero_offset"], help="LoRA init kind (default standard)")
+    p.add_argument("--json", metavar="PATH", help="also write the run summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _parse_sets(items: list[str]) -> dict:
     import yaml
 
@@ -110,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("pairs", help="generate (or resume) a (LoRA gradient, full gradient) pair dataset with Ray Data")
+    add_pairs_args(p)
+    p.set_defaults(func=cmd_pairs)
     return parser
 
 
