@@ -182,7 +182,7 @@ class UnlearnService:
         device = next(model.parameters()).device
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         out = model.generate(**enc, max_new_tokens=max(max_new), do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+                             eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None)
         new = out[:, enc["input_ids"].shape[1]:].cpu()
         stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
         results = []
