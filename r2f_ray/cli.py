@@ -120,6 +120,34 @@ def add_pairs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    import ray
+    from ray import serve
+
+    from r2f_ray.service.config import ServiceConfig
+    from r2f_ray.service.core import preflight
+    from r2f_ray.service.deployment import run
+
+    overrides = {"model": args.model, "bank": args.bank, "state_dir": args.state_dir, "tokens_file": args.tokens_file,
+                 "num_gpus": args.num_gpus, "allow_unauthenticated": True if args.allow_unauthenticated else None}
+    config = load_config(ServiceConfig, args.config, {**_parse_sets(args.set), **{k: v for k, v in overrides.items() if v is not None}})
+    preflight(config)  # bad tokens, model or bank: exit 2 here, not a failing replica later
+    ray.init(address=args.address, include_dashboard=False, configure_logging=False)
+    t0 = time.time()
+    run(config, host=args.host, port=args.port)
+    url = f"http://{args.host}:{args.port}"
+    print(f"r2f serve: {config.model} with bank {config.bank!r}, state in {config.state_dir}, ready in {time.time() - t0:.1f} s")
+    print(f"  {url}/v1/generate  {url}/v1/unlearn  {url}/v1/models  {url}/docs  (Ctrl-C stops; state is kept)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def _parse_sets(items: list[str]) -> dict:
     import yaml
 
@@ -156,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pairs", help="generate (or resume) a (LoRA gradient, full gradient) pair dataset with Ray Data")
     add_pairs_args(p)
     p.set_defaults(func=cmd_pairs)
+
+    p = sub.add_parser("serve", help="run the unlearning service (Ray Serve, FastAPI) on this machine")
+    _add_config_args(p)
+    p.add_argument("--model", help="'default' (SmolLM2-135M-Instruct), 'tiny', or a local HF folder")
+    p.add_argument("--bank", help="'naive' (default) or the folder of a trained decoder bank")
+    p.add_argument("--state-dir", help="versions, job records and the audit log (default ./r2f_state)")
+    p.add_argument("--tokens-file", help="bearer tokens, one 'name token' per line (or set $R2F_SERVICE_TOKENS)")
+    p.add_argument("--num-gpus", type=float, help="GPUs of the replica (default 0)")
+    p.add_argument("--allow-unauthenticated", action="store_true", help="run without tokens (local experiments only)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

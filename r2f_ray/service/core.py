@@ -10,14 +10,15 @@ Any failure restores both copies to the active version.
 from __future__ import annotations
 
 import copy
-import logging
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from r2f_ray.core.unlearn import METHODS, ForgetRequest, chat_prompt, unlearn
 from r2f_ray.service.audit import AuditLog
 from r2f_ray.service.auth import TokenAuth
 from r2f_ray.service.config import ServiceConfig
@@ -26,7 +27,6 @@ from r2f_ray.service.metrics import ServiceMetrics
 from r2f_ray.service.schemas import GenerateBody, ServiceError, UnlearnBody, check_generate, check_unlearn
 from r2f_ray.service.store import Materializer, UnknownVersion, VersionStore
 
-log = logging.getLogger(__name__)
 
 
 class RWLock:
@@ -92,10 +92,19 @@ def _load_bank(config: ServiceConfig, model, model_id: str, weights_sha256: str)
     return bank.to(next(model.parameters()).device)
 
 
-def _default_engine():
-    from r2f_ray.core.unlearn import unlearn
-
-    return unlearn
+def preflight(config: ServiceConfig) -> None:
+    """Checks that need no model: tokens, methods, model and bank locations. ValueError names the fix."""
+    auth = TokenAuth.from_sources(config.tokens_file, config.tokens_env)
+    if not auth.enabled and not config.allow_unauthenticated:
+        raise ValueError(f"no bearer tokens configured: set tokens_file (one 'name token' per line) or "
+                         f"${config.tokens_env}='name:token', or allow_unauthenticated=true for local use")
+    unknown = [m for m in config.methods or () if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods {unknown} are not offered by the engine (it offers {sorted(METHODS)}); fix `methods`")
+    if config.model not in ("default", "tiny") and not Path(config.model).is_dir():
+        raise ValueError(f"model {config.model!r} is neither 'default', 'tiny' nor a local Hugging Face folder")
+    if config.bank != "naive" and not Path(config.bank).is_dir():
+        raise ValueError(f"bank {config.bank!r} is neither 'naive' nor a decoder bank folder (train one with `r2f train`)")
 
 
 def _version_number(version: str) -> int:
@@ -112,15 +121,8 @@ class UnlearnService:
     def __init__(self, config: ServiceConfig, engine: Callable | None = None, loaded=None, bank=None):
         self.config = config
         self.limits = config.limits
+        preflight(config)
         self.auth = TokenAuth.from_sources(config.tokens_file, config.tokens_env)
-        if not self.auth.enabled and not config.allow_unauthenticated:
-            raise ValueError(f"no bearer tokens configured: set tokens_file (one 'name token' per line) or "
-                             f"${config.tokens_env}='name:token', or allow_unauthenticated=true for local use")
-        from r2f_ray.core.unlearn import METHODS
-
-        unknown = [m for m in config.methods or () if m not in METHODS]
-        if unknown:
-            raise ValueError(f"methods {unknown} are not offered by the engine (it offers {sorted(METHODS)}); fix `methods`")
         self.methods = tuple(config.methods or METHODS)
         # The service stores every update as a delta, so the engine must always return them.
         self.engine_config = config.engine.model_copy(update={"keep_deltas": True})
@@ -143,7 +145,7 @@ class UnlearnService:
         self.materializer.apply(self.serving, self.materializer.weights(self.active_version, names))
 
         self.bank = bank if bank is not None else _load_bank(config, self.serving, self.model_id, self.weights_sha256)
-        self._engine = engine or _default_engine()
+        self._engine = engine or unlearn
         self.work = copy.deepcopy(self.serving)
         self._rw = RWLock()
         self._writer = threading.Lock()
@@ -229,8 +231,6 @@ class UnlearnService:
 
     def _check_engine_limits(self, body: UnlearnBody) -> None:
         """The engine's limits (tokens, views), checked at the door so the caller gets a 422, not a failed job."""
-        from r2f_ray.core.unlearn import chat_prompt
-
         cfg = self.engine_config
         for i, r in enumerate(body.requests):
             n = len(self.tokenizer(r.answer, add_special_tokens=False)["input_ids"])
@@ -245,8 +245,6 @@ class UnlearnService:
             raise ServiceError(422, "bad_views", f"views must be between 1 and {cfg.max_views}, got {body.views}", "views")
 
     def _execute(self, job: dict) -> dict:
-        from r2f_ray.core.unlearn import ForgetRequest
-
         body = UnlearnBody.model_validate(job["request"])
         requests = [ForgetRequest(prompt=r.prompt, answer=r.answer, id=r.id) for r in body.requests]
         views = body.views or self.config.default_views
