@@ -197,3 +197,23 @@ def _wait(service, job_id, timeout=300):
             return job
         time.sleep(0.1)
     raise TimeoutError(job_id)
+
+
+def test_rayservice_manifest_deploys_this_service():
+    """cluster/rayservice.yaml: valid Serve config, args that ServiceConfig accepts, an import path that
+    resolves to the application builder, one replica."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    manifest = yaml.safe_load((Path(__file__).parents[1] / "cluster" / "rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService"
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    (app,) = serve_config.applications
+    module, attr = app.import_path.split(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    config = ServiceConfig.model_validate(app.args)
+    assert config.num_gpus == 1 and str(config.state_dir).startswith("/data/")
+    assert [d.num_replicas for d in app.deployments] == [1]
