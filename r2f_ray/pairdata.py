@@ -45,8 +45,11 @@ proxy_sha256, lora_fingerprint, dtype, schema_version   provenance, constant wit
 ``a:<matrix>``/``b:<m>``   the adapter A_T [r, d_in] / B_T [d_out, r] after the steps (step modes)
 =========================  ===========================================================================
 
-Inputs read by several modules (q/k/v read the same normed hidden states, gate/up too) are stored
-once per (item, layer, input): every matrix names its input column in the manifest
+Each tensor column's Parquet field metadata (key ``r2f``, JSON; see ``column_descriptions``) names
+its kind, shape, dtype and the matrices (module name, layer, role) it belongs to, so a file describes
+itself; the manifest holds the same. Inputs read by several modules (q/k/v read the same normed
+hidden states, gate/up too) are stored once per (item, layer, input): every matrix names its input
+column in the manifest
 (``matrices[i]["input_column"]``), and ``input_columns[col]["shared_by"]`` lists who reads it.
 Rows per file are bounded so that no binary column chunk nears Arrow's 2 GiB limit.
 
@@ -402,6 +405,11 @@ def encode_tensor(t: Tensor, dtype: str) -> bytes:
     return (t.view(torch.int16) if torch_dtype == torch.bfloat16 else t).numpy().tobytes()
 
 
+def decode_tensor(buf: bytes, shape: Sequence[int], dtype: str, device: str | torch.device = "cpu") -> Tensor:
+    """One stored tensor back as fp32 (inverse of ``encode_tensor``)."""
+    return _decode_stack([buf], dtype, [tuple(shape)], device)[0]
+
+
 def _decode_stack(bufs: Sequence[bytes], dtype: str, row_shape: Sequence[tuple[int, ...]], device) -> Tensor:
     """Stack decoded tensors [N, *shape] in fp32; rows of unequal first dims are zero-padded at the end
     (zero factor rows add nothing to G = D^T X)."""
@@ -452,13 +460,35 @@ def encode_records(records: Sequence[PairRecord], manifest: dict, shard: str | N
                 tensor_cols.setdefault(m["adapter_columns"][0], []).append(encode_tensor(a, dtype))
                 tensor_cols.setdefault(m["adapter_columns"][1], []).append(encode_tensor(b, dtype))
     arrays = [pa.array(cols[f.name], type=f.type) for f in META_SCHEMA]
-    names = [f.name for f in META_SCHEMA]
+    fields = list(META_SCHEMA)
+    described = column_descriptions(manifest)
     for name, bufs in tensor_cols.items():
         if len(bufs) != len(records):
             raise AssertionError(f"column {name} has {len(bufs)} values for {len(records)} records")
         arrays.append(pa.array(bufs, type=pa.binary()))
-        names.append(name)
-    return pa.Table.from_arrays(arrays, names=names)
+        fields.append(pa.field(name, pa.binary(), metadata={"r2f": json.dumps(described[name])}))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def column_descriptions(manifest: dict) -> dict[str, dict]:
+    """What each tensor column holds: kind, shape ('R' = the row's n_rows), dtype, and the matrices it
+    belongs to (module name, layer, role). Written into each Parquet field's metadata under 'r2f'."""
+    out: dict[str, dict] = {}
+    r, dtype = manifest["lora"]["r"], manifest["dtype"]
+    by_name = {m["name"]: m for m in manifest["matrices"]}
+    for col, info in manifest["input_columns"].items():
+        out[col] = {"kind": "factor X", "shape": ["R", info["d_in"]], "dtype": dtype,
+                    "matrices": [{"name": n, "layer": by_name[n]["layer"], "role": by_name[n]["role"]} for n in info["shared_by"]]}
+    for m in manifest["matrices"]:
+        who = [{"name": m["name"], "layer": m["layer"], "role": m["role"]}]
+        if m["grad_column"]:
+            out[m["grad_column"]] = {"kind": "factor D", "shape": ["R", m["d_out"]], "dtype": dtype, "matrices": who}
+        if m["dense_column"]:
+            out[m["dense_column"]] = {"kind": "dense G", "shape": [m["d_out"], m["d_in"]], "dtype": dtype, "matrices": who}
+        if m["adapter_columns"]:
+            out[m["adapter_columns"][0]] = {"kind": "adapter A_T", "shape": [r, m["d_in"]], "dtype": dtype, "matrices": who}
+            out[m["adapter_columns"][1]] = {"kind": "adapter B_T", "shape": [m["d_out"], r], "dtype": dtype, "matrices": who}
+    return out
 
 
 def row_bytes(manifest: dict, n_rows: int) -> dict[str, int]:

@@ -108,6 +108,13 @@ def test_shared_inputs_are_stored_once(tmp_path):
     assert len(cols) == 2 * 4  # per layer: q/k/v input, o input, gate/up input, down input
     q = ds.manifest["input_columns"]["x:model.layers.0.self_attn.q_proj"]["shared_by"]
     assert [n.rsplit(".", 1)[1] for n in q] == ["q_proj", "k_proj", "v_proj"]
+    # Each file describes its tensor columns itself (field metadata), not only the manifest.
+    schema = pq.read_schema(ds.files()[0])
+    x_meta = json.loads(schema.field("x:model.layers.0.self_attn.q_proj").metadata[b"r2f"])
+    assert x_meta["kind"] == "factor X" and [m["role"] for m in x_meta["matrices"]] == ["q_proj", "k_proj", "v_proj"]
+    d_meta = json.loads(schema.field("d:model.layers.1.mlp.down_proj").metadata[b"r2f"])
+    assert d_meta == {"kind": "factor D", "shape": ["R", 64], "dtype": "float32",
+                      "matrices": [{"name": "model.layers.1.mlp.down_proj", "layer": 1, "role": "down_proj"}]}
 
 
 def test_unshared_dense_and_bf16_storage_agree_with_factors(tmp_path):

@@ -44,6 +44,8 @@ def test_stored_pairs_equal_fresh_autograd(generated, ray_session):
     assert summary["items_written"] == 5 and summary["pairs_written"] == 5 * 14
     ds = PairDataset(config.output)
     assert ds.manifest["counts"]["items"] == 5 and len(ds.files()) == 3  # rows per file bounded to 2
+    field = pq.read_schema(ds.files()[0]).field("d:model.layers.0.self_attn.k_proj")  # survives write_parquet
+    assert json.loads(field.metadata[b"r2f"])["matrices"][0]["role"] == "k_proj"
     items = _items_by_id(config, assets.lee_texts())
     batch = next(ds.iter_batches(batch_size=5))
     model, _ = assets.tiny_llama(seed=0)
