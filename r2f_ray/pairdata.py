@@ -22,9 +22,10 @@ With Ray Data / Ray Train shards, read only the needed columns and convert each 
 
 Storage layout (schema version 1). A dataset is a folder::
 
-    manifest.json                     # identity + committed shards (written atomically, last)
-    data/shard-<id>/<part>.parquet    # a shard's files; a shard counts only once listed in the manifest
-    _staging/                         # work in progress of a running (or killed) job: never read
+    manifest.json                     # identity + committed shards (rewritten atomically at each commit)
+    data/shard-<run>/<part>.parquet   # the files of one committed run; they count only once listed
+    _staging/<run>/                   # files of a running (or killed) run: never read; the next run
+                                      # commits the complete ones and deletes the rest
 
 One Parquet row per item, one binary column per tensor (raw little-endian bytes, row-major, in the
 dataset's dtype, float32 or bfloat16):
@@ -39,9 +40,9 @@ n_rows                     int32: factor rows R (supervised tokens, summed over 
 loss                       float32: the item's loss at the LoRA init (sum of its examples' mean NLL)
 mode, steps                the generation mode and the number of LoRA SGD steps (0 without steps)
 proxy_sha256, lora_fingerprint, dtype, schema_version   provenance, constant within a dataset
-``x:<owner>``              factor X [R, d_in] of the input read by module ``<owner>`` (storage factors)
-``d:<matrix>``             factor D [R, d_out]; G = D^T X (storage factors)
-``g:<matrix>``             dense G [d_out, d_in] (storage dense)
+``x:<owner>``              factor X [R, d_in] of the input read by module ``<owner>`` (storage factors/both)
+``d:<matrix>``             factor D [R, d_out]; G = D^T X (storage factors/both)
+``g:<matrix>``             dense G [d_out, d_in] (storage dense/both)
 ``a:<matrix>``/``b:<m>``   the adapter A_T [r, d_in] / B_T [d_out, r] after the steps (step modes)
 =========================  ===========================================================================
 
@@ -49,8 +50,7 @@ Each tensor column's Parquet field metadata (key ``r2f``, JSON; see ``column_des
 its kind, shape, dtype and the matrices (module name, layer, role) it belongs to, so a file describes
 itself; the manifest holds the same. Inputs read by several modules (q/k/v read the same normed
 hidden states, gate/up too) are stored once per (item, layer, input): every matrix names its input
-column in the manifest
-(``matrices[i]["input_column"]``), and ``input_columns[col]["shared_by"]`` lists who reads it.
+column in the manifest (``matrices[i]["input_column"]``), and ``input_columns[col]["shared_by"]`` lists who reads it.
 Rows per file are bounded so that no binary column chunk nears Arrow's 2 GiB limit.
 
 The LoRA gradients are not stored: they are rebuilt exactly from G (or its factors) and the recorded
