@@ -506,7 +506,7 @@ class Lune(Method):
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 if stop(it + 1):
                     break
         finally:
@@ -561,30 +561,30 @@ def _resolve_step(step: Any) -> float | str:
 
 
 def _check_decoder(model: nn.Module, decoder: Any) -> tuple[LoraSpec, list[MatrixInfo]]:
+    """The decoder's spec and the matrices it decodes (its ``.matrices`` when it lists them, else the
+    spec's target modules), checked against the model's names and shapes."""
     spec = getattr(decoder, "spec", None)
     if not isinstance(spec, LoraSpec) or not callable(getattr(decoder, "decode", None)):
         raise ValueError("decoder must be a decoder bank with .spec (LoraSpec) and .decode({name: (grad_A, grad_B)})")
     try:
-        matrices = resolve_targets(model, list(spec.target_modules))
+        model_matrices = {m.name: m for m in resolve_targets(model, list(spec.target_modules))}
     except ValueError as e:
         raise ValueError(f"decoder spec does not match the model: {e}") from None
-    shapes = getattr(decoder, "shapes", None)
     covered = getattr(decoder, "matrices", None)
-    if covered is not None:
-        names = {getattr(m, "name", m) for m in covered}
-        missing = [m.name for m in matrices if m.name not in names]
-        if missing:
-            raise ValueError(f"decoder bank has no decoder for {len(missing)} of the model's target matrices, "
-                             f"e.g. {missing[0]}; use a bank built for this architecture")
-        by_name = {m.name: m for m in covered if isinstance(m, MatrixInfo)}
-        for m in matrices:
-            if m.name in by_name and (by_name[m.name].d_out, by_name[m.name].d_in) != (m.d_out, m.d_in):
-                b = by_name[m.name]
-                raise ValueError(f"decoder for {m.name} expects shape {b.d_out}x{b.d_in}, the model has {m.d_out}x{m.d_in}")
-    elif shapes is not None:
-        for m in matrices:
-            if m.name in shapes and tuple(shapes[m.name]) != (m.d_out, m.d_in):
-                raise ValueError(f"decoder for {m.name} expects shape {tuple(shapes[m.name])}, the model has {m.d_out}x{m.d_in}")
+    if covered is None:
+        return spec, list(model_matrices.values())
+    matrices = []
+    for m in covered:
+        mine = model_matrices.get(m.name)
+        if mine is None:
+            raise ValueError(f"the decoder bank decodes {m.name}, which is not a {list(spec.target_modules)} matrix of "
+                             "this model; use a bank built for this architecture")
+        if (mine.d_out, mine.d_in) != (m.d_out, m.d_in):
+            raise ValueError(f"the decoder for {m.name} expects a {m.d_out}x{m.d_in} matrix, the model's is "
+                             f"{mine.d_out}x{mine.d_in}; use a bank built for this architecture")
+        matrices.append(mine)
+    if not matrices:
+        raise ValueError("the decoder bank decodes no matrix")
     return spec, matrices
 
 
