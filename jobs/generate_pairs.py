@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from r2f_ray.pipeline.pairs import format_summary, run_pairs
 
-    ray.init()
+    if not ray.is_initialized():  # under `ray job submit` this joins the job's cluster (RAY_ADDRESS)
+        ray.init()
     try:
         summary = run_pairs(config, progress=not args.quiet)
     except ValueError as e:  # bad input data: empty corpus, spec mismatch, output is a file, ...
