@@ -35,7 +35,8 @@ class UnlearnDeployment:
             raise RuntimeError("the unlearn writer thread has stopped")
 
     def __del__(self):
-        self.service.close()
+        if hasattr(self, "service"):  # the constructor may have failed
+            self.service.close()
 
 
 def build(config: ServiceConfig):
