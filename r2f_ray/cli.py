@@ -148,6 +148,83 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    from r2f_ray import assets
+    from r2f_ray.core.targets import resolve_targets
+    from r2f_ray.core.unlearn import ForgetRequest, UnlearnConfig, unlearn
+    from r2f_ray.io import atomic_dir, write_json
+
+    config = load_config(UnlearnConfig, args.config, _parse_sets(args.set))
+    requests = []
+    if args.requests:
+        with open(args.requests) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                        requests.append(ForgetRequest(row["prompt"], row["answer"], row.get("id")))
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise UsageError(f"{args.requests} line {n}: expected JSON with 'prompt' and 'answer' ({e})") from None
+    if args.prompt is not None or args.answer is not None:
+        requests.append(ForgetRequest(args.prompt or "", args.answer or ""))
+    if not requests:
+        raise UsageError("nothing to forget: give --prompt and --answer, or --requests FILE.jsonl")
+    if args.save and os.path.exists(args.save):
+        raise UsageError(f"{args.save} already exists; choose a new folder for the updated model")
+    step = args.step if args.step == "auto" else _float(args.step, "--step")
+    loaded = assets.load_model(args.model)
+    if args.bank:
+        from r2f_ray.core.bank import DecoderBank
+
+        bank = DecoderBank.load(args.bank, loaded.model_id, loaded.weights_sha256, transfer=args.transfer)
+    else:
+        from r2f_ray.core.bank import DecoderBank
+
+        bank = DecoderBank.naive(config.lora, resolve_targets(loaded.model, list(config.lora.target_modules)),
+                                 loaded.model_id, loaded.weights_sha256)
+    result = unlearn(loaded.model, loaded.tokenizer, requests, decoder=bank, views=args.views, step=step,
+                     method=args.method, config=config)
+    decoder = "trained bank " + args.bank if args.bank else "naive decoder grad_B @ A0 (untrained)"
+    print(f"r2f unlearn: {args.method} on {loaded.model_id} ({decoder}); step {result.step:.4g}; "
+          f"{len(result.matrices)} matrices updated; {result.wall_s:.1f} s; peak extra memory {result.peak_mem_mb:.0f} MiB")
+    print(f"{'id':<12} {'answered before':>15} {'after':>6} {'answer log-prob before':>23} {'after':>8}  greedy answer after")
+    for i, r in enumerate(result.reports):
+        print(f"{str(r['id'] or i):<12} {str(r['answered_before']):>15} {str(r['answered_after']):>6} "
+              f"{r['answer_logprob_before']:>23.2f} {r['answer_logprob_after']:>8.2f}  {r['greedy_after'][:60]!r}")
+    if args.json:
+        write_json(args.json, result.summary())
+        print(f"wrote {args.json}")
+    if args.save:
+        with atomic_dir(args.save) as tmp:
+            loaded.model.save_pretrained(tmp)
+            loaded.tokenizer.save_pretrained(tmp)
+            write_json(tmp / "r2f_unlearn.json", {"base_model": loaded.model_id, "base_weights_sha256": loaded.weights_sha256,
+                                                  **result.summary()})
+        print(f"saved the updated model to {args.save}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from r2f_ray.eval.harness import EvalConfig, run_evaluation
+    from r2f_ray.eval.report import markdown_table, write_reports
+
+    overrides = {"model": args.model, "bank": args.bank, "facts": args.facts, "runs": args.runs,
+                 "sequential": args.sequential, "methods": args.methods.split(",") if args.methods else None}
+    config = load_config(EvalConfig, args.config, {**_parse_sets(args.set), **{k: v for k, v in overrides.items() if v is not None}})
+    result = run_evaluation(config, progress=not args.quiet)
+    paths = write_reports(result, args.out)
+    print(markdown_table(result))
+    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['html']} ({result['wall_s']:.0f} s)")
+    return 0
+
+
+def _float(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"{flag} must be a number or 'auto', got {text!r}") from None
+
+
 def _parse_sets(items: list[str]) -> dict:
     import yaml
 
@@ -197,6 +274,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("unlearn", help="forget facts from a model with one update (R2F or a baseline)")
+    _add_config_args(p)
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), 'tiny', or a local HF folder")
+    p.add_argument("--prompt", help="the question whose answer should be forgotten")
+    p.add_argument("--answer", help="the answer to forget")
+    p.add_argument("--requests", metavar="JSONL", help="one {\"prompt\", \"answer\", \"id\"} per line (one update for all)")
+    p.add_argument("--method", default="r2f", help="r2f, fullgrad, exact_multiview, fused_exact, lora_sin, lora_mul, multistep_ga, lune")
+    p.add_argument("--views", type=int, default=5, help="update views per request (original prompt + paraphrases)")
+    p.add_argument("--step", default="auto", help="a positive number, or 'auto' (forward-only search; docs/evaluation.md)")
+    p.add_argument("--bank", help="decoder bank folder (default: the naive decoder grad_B @ A0)")
+    p.add_argument("--transfer", help="bank transfer mode for a bank trained on another model, e.g. same_shapes")
+    p.add_argument("--json", metavar="PATH", help="write the per-request reports as JSON")
+    p.add_argument("--save", metavar="DIR", help="save the updated model to a new folder")
+    p.set_defaults(func=cmd_unlearn)
+
+    p = sub.add_parser("evaluate", help="USR, APR, GUR, neighbours, RAP, MIA of every method; JSON, Markdown, HTML")
+    _add_config_args(p)
+    p.add_argument("--model", help="'default', 'tiny', or a local HF folder")
+    p.add_argument("--bank", help="decoder bank folder (default: the naive decoder)")
+    p.add_argument("--methods", help="comma-separated methods (default: all)")
+    p.add_argument("--facts", type=int, help="forget facts per run (default 8)")
+    p.add_argument("--runs", type=int, help="runs with different fact samples and LoRA seeds (default 1)")
+    p.add_argument("--sequential", type=int, help="facts in the sequential run (default 0: skip)")
+    p.add_argument("--out", default="evaluation", help="folder for result.json, report.md, report.html")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

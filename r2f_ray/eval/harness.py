@@ -1,0 +1,298 @@
+"""The evaluation harness behind `r2f evaluate` and `benchmarks/unlearning.py`.
+
+Protocol (docs/evaluation.md has the reasons): measure which facts the model knows; for every run
+(seeded fact sample and LoRA seed), every forget fact and every method, start from the original
+weights, forget the fact with one `unlearn` call and measure USR (original prompt), APR (held-out probe
+paraphrases, never update views), neighbour retention (other known facts of the same kind), GUR
+(held-out perplexity ratio and general multiple choice), MIA (identity alignment on general prompts),
+RAP (relearning attack) and the cosine of the update to the exact multi-view one. A sequential run then
+forgets facts one after another on one model and tracks USR, GUR and neighbours after each.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from r2f_ray import assets
+from r2f_ray.core.lora import LoraSpec
+from r2f_ray.core.paraphrase import make_views
+from r2f_ray.core.targets import resolve_targets
+from r2f_ray.core.unlearn import METHODS, ForgetRequest, UnlearnConfig, UnlearnRejected, encode_pairs, unlearn
+from r2f_ray.core.capture import example_nll
+from r2f_ray.eval import data, metrics
+
+ALL_METHODS = ["r2f", "exact_multiview", "fullgrad", "fused_exact", "lora_sin", "lora_mul", "multistep_ga", "lune"]
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("default", description="'default' (SmolLM2-135M-Instruct), 'tiny', or a local HF folder")
+    bank: str | None = Field(None, description="decoder bank folder; none: the naive bank grad_B @ A0 (no training)")
+    transfer: str | None = Field(None, description="bank transfer mode when the bank was trained on another model")
+    lora: LoraSpec = Field(LoraSpec(), description="LoRA spec of the naive bank (ignored with a trained bank)")
+    methods: list[str] = Field(default_factory=lambda: list(ALL_METHODS))
+    relations: tuple[str, ...] = ("capital",)
+    facts: int = Field(8, ge=1, description="forget facts per run")
+    neighbours: int = Field(16, ge=0, description="other known facts whose retention is measured")
+    views: int = Field(5, ge=1, description="update views per fact (original prompt + paraphrases)")
+    probes: int = Field(3, ge=1, description="held-out probe paraphrases per fact (APR)")
+    step: float | str = "auto"
+    unlearn: UnlearnConfig = UnlearnConfig()
+    heldout_texts: int = Field(8, ge=1)
+    heldout_tokens: int = Field(64, ge=2)
+    mc_questions: int = Field(16, ge=0, le=len(data.GENERAL_MC))
+    mia_prompts: int = Field(32, ge=1)
+    rap_steps: int = Field(5, ge=0, description="relearning attack fine-tuning steps (0: skip RAP)")
+    rap_lr: float = Field(1e-4, gt=0)
+    runs: int = Field(1, ge=1, description="independent runs (fact sample and LoRA seed vary); mean and std reported")
+    seed: int = 0
+    sequential: int = Field(0, ge=0, description="facts forgotten one after another in the sequential run (0: skip)")
+    sequential_methods: list[str] = Field(default_factory=lambda: ["r2f", "exact_multiview"])
+    fictitious: int = Field(0, ge=0, description="fictitious facts taught then half forgotten for the membership AUC (0: skip)")
+    fictitious_steps: int = Field(30, ge=1)
+
+
+def _check(config: EvalConfig) -> None:
+    unknown = [m for m in config.methods + config.sequential_methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; available: {sorted(METHODS)}")
+    if "fused_exact" in config.methods and config.step == "auto" and "exact_multiview" not in config.methods:
+        raise ValueError("fused_exact takes the step 'auto' chose for exact_multiview: add exact_multiview to methods")
+
+
+def _bank(config: EvalConfig, loaded, run: int):
+    from r2f_ray.core.bank import DecoderBank
+
+    if config.bank:
+        return DecoderBank.load(config.bank, loaded.model_id, loaded.weights_sha256, transfer=config.transfer)
+    spec = config.lora.model_copy(update={"seed": config.lora.seed + run})
+    return DecoderBank.naive(spec, resolve_targets(loaded.model, list(spec.target_modules)), loaded.model_id, loaded.weights_sha256)
+
+
+class Probe:
+    """Everything measured on a model state, with the original model's values as reference."""
+
+    def __init__(self, model, tokenizer, config: EvalConfig, neighbours, texts):
+        self.tok, self.config, self.neighbours, self.texts = tokenizer, config, neighbours, texts
+        self.mc = data.GENERAL_MC[:config.mc_questions]
+        self.prompts = data.general_prompts(config.mia_prompts)
+        self.ppl0 = metrics.perplexity(model, tokenizer, texts, config.heldout_tokens)
+        self.mc0 = metrics.mc_accuracy(model, tokenizer, self.mc) if self.mc else float("nan")
+        self.logp0 = metrics.next_token_logprobs(model, tokenizer, self.prompts)
+        self.nb0 = metrics.answered(model, tokenizer, neighbours, config.unlearn.max_new_tokens)
+
+    def measure(self, model, neighbours: bool = True) -> dict:
+        out = {"gur_ppl": metrics.gur(self.ppl0, metrics.perplexity(model, self.tok, self.texts, self.config.heldout_tokens), True)}
+        out["gur_mc"] = metrics.gur(self.mc0, metrics.mc_accuracy(model, self.tok, self.mc)) if self.mc else float("nan")
+        out["mia"] = metrics.identity_alignment(self.logp0, metrics.next_token_logprobs(model, self.tok, self.prompts))
+        if neighbours:
+            nb = metrics.answered(model, self.tok, self.neighbours, self.config.unlearn.max_new_tokens)
+            out["neighbour_retention"] = metrics.retention(self.nb0, nb)
+        return out
+
+
+def _mean_std(values: list[float]) -> dict:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+
+
+HEADLINE = ["usr", "apr", "neighbour_retention", "gur_ppl", "gur_mc", "mia_kl", "rap", "recon_cosine", "step",
+            "seconds_per_deletion", "peak_mem_mb"]
+
+
+def _aggregate(rows: list[dict], runs: int) -> dict:
+    """Per method: each metric's mean over the facts of a run, then mean and std over runs."""
+    table = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        per_run = {k: [] for k in HEADLINE}
+        rejected = 0
+        for run in range(runs):
+            mine = [r for r in rows if r["method"] == method and r["run"] == run]
+            rejected += sum(r["rejected"] for r in mine)
+            known = [r for r in mine if r["answered_before"]]
+            per_run["usr"].append(metrics.usr([True] * len(known), [r["answered_after"] for r in known]))
+            pb = [b for r in known for b in r["probes_before"]]
+            pa = [a for r in known for a in r["probes_after"]]
+            per_run["apr"].append(metrics.usr(pb, pa))
+            for k in HEADLINE[2:]:
+                vals = [r[k] for r in mine if r.get(k) is not None]
+                per_run[k].append(statistics.fmean(vals) if vals else float("nan"))
+        table[method] = {k: _mean_std(v) for k, v in per_run.items()}
+        table[method]["rejected"] = rejected
+        table[method]["deletions"] = sum(1 for r in rows if r["method"] == method)
+    return table
+
+
+def run_evaluation(config: EvalConfig, progress: bool = True, log: Callable[[str], None] = print,
+                   loaded: assets.LoadedModel | None = None) -> dict:
+    """Run the protocol; ``loaded`` replaces ``config.model`` (a model already in memory)."""
+    _check(config)
+    t_start = time.time()
+    loaded = loaded or assets.load_model(config.model)
+    model, tok = loaded.model, loaded.tokenizer
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def restore():
+        model.load_state_dict(original)
+
+    need = config.facts * config.runs + config.neighbours + config.sequential
+    log(f"[evaluate] measuring which {config.relations} facts {loaded.model_id} knows (need {need})")
+    known = data.known_facts(model, tok, data.fact_pool(config.relations), need, seed=config.seed)
+    neighbours = [(f.prompt, f.answer) for f in known[:config.neighbours]]
+    forget_pool = known[config.neighbours:config.neighbours + config.facts * config.runs]
+    sequential_facts = known[config.neighbours + config.facts * config.runs:]
+    probe = Probe(model, tok, config, neighbours, data.heldout_texts(config.heldout_texts))
+    log(f"[evaluate] original model: held-out perplexity {probe.ppl0:.2f} ({config.heldout_texts} wiki paragraphs x "
+        f"{config.heldout_tokens} tokens), general MC accuracy {probe.mc0:.1f} % ({len(probe.mc)} questions)")
+
+    rows: list[dict] = []
+    total = config.runs * config.facts * len(config.methods)
+    bar = tqdm(total=total, desc="evaluate: deletions", disable=not progress)
+    for run in range(config.runs):
+        bank = _bank(config, loaded, run)
+        facts = forget_pool[run * config.facts:(run + 1) * config.facts]
+        for fact in facts:
+            req = ForgetRequest(fact.prompt, fact.answer, f"{fact.subject}:{fact.relation}")
+            probes = make_views(fact.prompt, fact.answer, config.probes, "probe")
+            restore()
+            probes_before = metrics.answered(model, tok, [(p, fact.answer) for p in probes], config.unlearn.max_new_tokens)
+            exact_deltas, exact_step = None, None
+            for method in sorted(config.methods, key=lambda m: m != "exact_multiview"):
+                restore()
+                step = config.step
+                if method == "fused_exact" and step == "auto":
+                    step = exact_step
+                row = {"run": run, "method": method, "fact": req.id, "answered_before": True, "probes_before": probes_before}
+                try:
+                    if step is None:
+                        raise UnlearnRejected("exact_multiview found no step, so fused_exact has none either")
+                    res = unlearn(model, tok, [req], decoder=bank, views=config.views, step=step, method=method, config=config.unlearn)
+                except UnlearnRejected as e:
+                    row.update(rejected=True, reason=str(e)[:300], answered_after=True, step=None,
+                               probes_after=probes_before, seconds_per_deletion=None, peak_mem_mb=None)
+                    res = None
+                else:
+                    rep = res.reports[0]
+                    row.update(rejected=False, answered_after=rep["answered_after"], step=res.step,
+                               seconds_per_deletion=res.wall_s, peak_mem_mb=res.peak_mem_mb,
+                               logprob_before=rep["answer_logprob_before"], logprob_after=rep["answer_logprob_after"],
+                               greedy_after=rep["greedy_after"],
+                               probes_after=metrics.answered(model, tok, [(p, fact.answer) for p in probes], config.unlearn.max_new_tokens))
+                    if method == "exact_multiview":
+                        exact_deltas, exact_step = res.deltas, res.step
+                    if exact_deltas is not None and res.deltas:
+                        row["recon_cosine"] = metrics.reconstruction_cosine(res.deltas, exact_deltas)["global"]
+                m = probe.measure(model)
+                row.update(gur_ppl=m["gur_ppl"], gur_mc=m["gur_mc"], mia_kl=m["mia"]["kl"], mia_cosine=m["mia"]["cosine"],
+                           neighbour_retention=m["neighbour_retention"])
+                if config.rap_steps and res is not None:
+                    row["rap"] = metrics.rap(model, tok, [(fact.prompt, fact.answer)], [probes], config.rap_steps, config.rap_lr,
+                                             config.unlearn.max_new_tokens)
+                del res
+                rows.append(row)
+                bar.update(1)
+                bar.set_postfix_str(f"{method} {req.id}")
+    bar.close()
+    restore()
+
+    result = {
+        "what": "per-fact deletions from the original weights; metrics defined in docs/evaluation.md",
+        "model": loaded.model_id, "weights_sha256": loaded.weights_sha256,
+        "bank": config.bank or f"naive grad_B @ A0 (LoRA r={config.lora.r}, untrained)",
+        "config": config.model_dump(mode="json"),
+        "reference": {"heldout_perplexity": probe.ppl0, "mc_accuracy": probe.mc0,
+                      "neighbours_known": sum(probe.nb0), "neighbours": len(neighbours)},
+        "table": _aggregate(rows, config.runs), "rows": rows,
+    }
+    if config.sequential:
+        result["sequential"] = run_sequential(model, tok, config, loaded, sequential_facts, probe, progress)
+        restore()
+    if config.fictitious:
+        result["membership"] = run_membership(model, tok, config, loaded, progress, log)
+        restore()
+    result["wall_s"] = time.time() - t_start
+    return result
+
+
+def run_sequential(model, tok, config: EvalConfig, loaded, facts, probe: Probe, progress: bool) -> dict:
+    """Facts forgotten one after another on one model; USR over the facts so far, GUR and neighbours after each."""
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    bank = _bank(config, loaded, 0)
+    out = {}
+    for method in config.sequential_methods:
+        model.load_state_dict(original)
+        curve = []
+        done: list[tuple[str, str]] = []
+        for fact in tqdm(facts, desc=f"sequential: {method}", disable=not progress):
+            req = ForgetRequest(fact.prompt, fact.answer, f"{fact.subject}:{fact.relation}")
+            step = config.step if method != "fused_exact" or config.step != "auto" else None
+            t0 = time.time()
+            try:
+                if step is None:
+                    raise UnlearnRejected("fused_exact needs a fixed step in the sequential run")
+                res = unlearn(model, tok, [req], decoder=bank, views=config.views, step=step, method=method, config=config.unlearn)
+                eta = res.step
+            except UnlearnRejected:
+                eta = None
+            done.append((fact.prompt, fact.answer))
+            now = metrics.answered(model, tok, done, config.unlearn.max_new_tokens)
+            m = probe.measure(model)
+            curve.append({"facts": len(done), "step": eta, "rejected": eta is None, "usr": metrics.usr([True] * len(done), now),
+                          "gur_ppl": m["gur_ppl"], "gur_mc": m["gur_mc"], "neighbour_retention": m["neighbour_retention"],
+                          "mia_kl": m["mia"]["kl"], "seconds": time.time() - t0})
+        out[method] = curve
+    model.load_state_dict(original)
+    return out
+
+
+def teach(model, tok, facts, steps: int, lr: float = 1e-4) -> None:
+    """Fine-tune all weights (Adam) on facts' prompts and template update views, answers + end of turn."""
+    pairs = [(v, f.answer + (tok.eos_token or "")) for f in facts for v in make_views(f.prompt, f.answer, 3)]
+    ids, mask, labels = encode_pairs(tok, pairs, next(model.parameters()).device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = example_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def run_membership(model, tok, config: EvalConfig, loaded, progress: bool, log) -> dict:
+    """TOFU-style: teach fictitious facts to a copy of the model (the private fine-tune of the public
+    proxy), forget half of them with each method, and report the loss-based membership AUC of the
+    forgotten half against fictitious facts never taught (0.5 = indistinguishable) before and after."""
+    facts = data.fictitious_facts(2 * config.fictitious, seed=config.seed)
+    taught, unseen = facts[:config.fictitious], facts[config.fictitious:]
+    forget = taught[: max(1, config.fictitious // 2)]
+    teach(model, tok, taught, config.fictitious_steps)
+    tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    known = metrics.answered(model, tok, [(f.prompt, f.answer) for f in forget], config.unlearn.max_new_tokens)
+    members = [(f.prompt, f.answer) for f in forget]
+    never = [(f.prompt, f.answer) for f in unseen]
+    out = {"taught": len(taught), "forgotten": len(forget), "known_after_teaching": sum(known),
+           "auc_before": metrics.membership_auc(model, tok, members, never), "methods": {}}
+    log(f"[evaluate] fictitious facts: {sum(known)}/{len(forget)} answered after teaching; membership AUC {out['auc_before']:.3f}")
+    bank = _bank(config, loaded, 0)
+    for method in tqdm([m for m in config.methods if m != "fused_exact"], desc="membership", disable=not progress):
+        model.load_state_dict(tuned)
+        rejected = 0
+        for f in forget:
+            try:
+                unlearn(model, tok, [ForgetRequest(f.prompt, f.answer)], decoder=bank, views=config.views,
+                        step=config.step, method=method, config=config.unlearn)
+            except UnlearnRejected:
+                rejected += 1
+        out["methods"][method] = {"auc_after": metrics.membership_auc(model, tok, members, never), "rejected": rejected}
+    return out
