@@ -103,7 +103,8 @@ class DecoderGroup(nn.Module):
 
     @staticmethod
     def _pick(t: Tensor, index: Tensor | None) -> Tensor:
-        return t if index is None else t.index_select(0, index)
+        # Always compute in fp32 (also under bf16 training): the small solves and QR need it.
+        return (t if index is None else t.index_select(0, index)).float()
 
     def init_ridge(self, stats: RidgeStats, ridge: float) -> None:
         raise NotImplementedError(f"decoder kind {self.kind!r} has no closed-form init")
@@ -177,22 +178,28 @@ class SketchGroup(DecoderGroup):
     kind = "sketch"
     needs_grad_a = True
 
-    def __init__(self, infos, spec, ridge: float = 1e-3):
+    def __init__(self, infos, spec, ridge: float = 1e-3, keep: int | None = None):
         super().__init__(infos, spec)
         k = len(infos)
+        # Range directions kept: fewer than r makes the small solve overdetermined (r equations per
+        # column for `keep` unknowns), which is far more stable than the square oblique projection.
+        self.keep = keep if keep is not None else max(1, spec.r // 2)
+        if not 1 <= self.keep <= spec.r:
+            raise ValueError(f"sketch keep must be in [1, r={spec.r}], got {self.keep}")
         self.log_ridge = nn.Parameter(torch.full((k, 1, 1, 1), math.log(ridge)))
         self.lift = nn.Parameter(torch.zeros(k, self.r, self.d_in))
 
     def forward(self, grad_a, grad_b, index=None):
         grad_a, grad_b = grad_a.float(), grad_b.float()
-        q = torch.linalg.qr(grad_b).Q  # [K, N, d_out, r], orthonormal basis of the range sketch
-        m = self.scaling * self._pick(self.b0, index).transpose(-1, -2).unsqueeze(1) @ q  # [K, N, r, r] = s B0^T Q
+        # Orthonormal basis of the dominant range of the range sketch, [K, N, d_out, keep].
+        q = torch.linalg.svd(grad_b, full_matrices=False).U[..., : self.keep]
+        m = self.scaling * self._pick(self.b0, index).transpose(-1, -2).unsqueeze(1) @ q  # [K, N, r, keep] = s B0^T Q
         mt = m.transpose(-1, -2)
         gram = mt @ m
         scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(_EPS)
-        eye = torch.eye(self.r, dtype=gram.dtype, device=gram.device)
+        eye = torch.eye(self.keep, dtype=gram.dtype, device=gram.device)
         ridge = self._pick(self.log_ridge, index).exp()
-        coeff = torch.linalg.solve(gram + ridge * scale * eye, mt @ grad_a)  # [K, N, r, d_in]
+        coeff = torch.linalg.solve(gram + ridge * scale * eye, mt @ grad_a)  # [K, N, keep, d_in]
         return q @ coeff + grad_b @ self._pick(self.lift, index).unsqueeze(1)
 
 
@@ -345,3 +352,19 @@ def fit_local(decoders: DecoderSet, batches: list[dict], steps: int, lr: float =
         opt.step()
         history.append(float(value.detach()))
     return history
+
+
+@torch.no_grad()
+def baseline_cosines(decoders: DecoderSet, stacked: dict) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per matrix, per example: cosine of the naive lift ``grad_B @ A0`` to G, and the rank-r ceiling
+    ``||G_r|| / ||G||`` (truncated SVD, Eckart-Young) that no rank-r decoder can beat. {name: ([N], [N])}."""
+    out = {}
+    for key, (names, _, grad_b, full) in stacked.items():
+        group = decoders.groups[key]
+        index = torch.tensor([decoders.where[n][1] for n in names], device=grad_b.device)
+        full = full.float()
+        naive = pair_cosine(grad_b.float() @ group.a0.index_select(0, index).unsqueeze(1), full)
+        s2 = torch.linalg.svdvals(full).double().pow(2)
+        ceiling = (s2[..., : group.r].sum(-1) / s2.sum(-1).clamp_min(_EPS)).sqrt().float()
+        out.update(zip(names, zip(naive.unbind(0), ceiling.unbind(0))))
+    return out

@@ -1,0 +1,148 @@
+"""`r2f eval-decoders`: how close each decoder gets to the true full gradient, per matrix role.
+
+On the pairs of an evaluation dataset (held-out split by default; use a dataset made from another
+corpus, or from the target's own forget facts, to measure transfer) it reports per matrix and per role
+the mean cosine to the true G of: the naive lift ``grad_B @ A0``, a trained bank (if given), decoder
+kinds fitted here in plain torch on a fitting dataset (the training split of the evaluation dataset
+unless ``fit_pairs`` names another), and the rank-r ceiling (truncated SVD), which no rank-r decoder
+can beat.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from r2f_ray.core.bank import DecoderBank
+from r2f_ray.core.decoders import DecoderSet, baseline_cosines, fit_local, pair_cosine
+from r2f_ray.pairdata import PairDataset
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pairs: str = Field(..., description="pair dataset to evaluate on")
+    split: str = Field("heldout", description="train, heldout or all")
+    bank: str | None = Field(None, description="trained decoder bank to evaluate")
+    transfer: str | None = Field(None, description="load the bank with this transfer mode (same_shapes)")
+    fit_kinds: list[str] = Field(default_factory=lambda: ["linear"], description="kinds fitted here for comparison")
+    fit_options: dict[str, dict] = Field(default_factory=dict, description="options per kind, e.g. {sketch: {keep: 2}}")
+    fit_pairs: str | None = Field(None, description="dataset to fit them on (default: the train split of `pairs`)")
+    fit_steps: int = Field(100, ge=0, description="Adam steps after the closed-form start (0: closed form only)")
+    fit_lr: float = Field(1e-3, gt=0)
+    matrices: list[str] | None = Field(None, description="roles or matrix names (default: all)")
+    max_pairs: int = Field(64, ge=1, description="evaluate on at most this many pairs")
+    batch_size: int = Field(8, ge=1)
+
+
+def _select(dataset: PairDataset, wanted: list[str] | None) -> list[str]:
+    if wanted is None:
+        return [m.name for m in dataset.matrices]
+    names = [m.name for m in dataset.matrices if m.role in wanted or m.name in wanted]
+    if not names:
+        raise ValueError(f"no matrices match {wanted}; the dataset has roles {sorted({m.role for m in dataset.matrices})}")
+    return names
+
+
+def _batches(dataset: PairDataset, names: list[str], split: str | None, limit: int, batch_size: int) -> list[dict]:
+    out, count = [], 0
+    for batch in dataset.iter_batches(names, batch_size=batch_size, split=split):
+        out.append({n: (p.grad_a, p.grad_b, p.full) for n, p in batch.items()})
+        count += len(next(iter(batch.values())).pair_ids)
+        if count >= limit:
+            break
+    if not out:
+        raise ValueError(f"{dataset.path} has no pairs in split {split!r}")
+    return out
+
+
+def run_eval(config: EvalConfig, progress: bool = True) -> dict:
+    t0 = time.time()
+    if config.split not in ("train", "heldout", "all"):
+        raise ValueError(f"split must be train, heldout or all, got {config.split!r}")
+    dataset = PairDataset(config.pairs)
+    names = _select(dataset, config.matrices)
+    infos = [m for m in dataset.matrices if m.name in set(names)]
+    split = None if config.split == "all" else config.split
+    evaluation = _batches(dataset, names, split, config.max_pairs, config.batch_size)
+    columns: dict[str, dict[str, list[float]]] = {"naive": {}, "ceiling": {}}
+
+    bank = None
+    if config.bank:
+        bank = DecoderBank.load(config.bank, dataset.manifest["proxy"]["model_id"],
+                                dataset.manifest["proxy"]["weights_sha256"], dataset.spec, config.transfer)
+        columns["bank"] = {}
+    fitted = {}
+    if config.fit_kinds:
+        fit_source = PairDataset(config.fit_pairs) if config.fit_pairs else dataset
+        if fit_source.spec != dataset.spec:
+            raise ValueError("fit_pairs was made with another LoRA spec than pairs: decoders invert one spec's A0")
+        fit_data = _batches(fit_source, names, "train" if not config.fit_pairs else None, 10**9, config.batch_size)
+        for kind in tqdm(config.fit_kinds, desc="eval-decoders: fitting kinds", disable=not progress):
+            decoders = DecoderSet(infos, dataset.spec, kind, config.fit_options)
+            fit_local(decoders, fit_data, steps=config.fit_steps, lr=config.fit_lr)
+            fitted[kind] = decoders
+            columns[kind] = {}
+    reference = DecoderSet(infos, dataset.spec, "naive")
+    pairs = 0
+    for batch in tqdm(evaluation, desc="eval-decoders: evaluating", disable=not progress):
+        stacked = reference.stack(batch)
+        pairs += next(iter(batch.values()))[0].shape[0]
+        for n, (naive, ceiling) in baseline_cosines(reference, stacked).items():
+            columns["naive"].setdefault(n, []).extend(naive.tolist())
+            columns["ceiling"].setdefault(n, []).extend(ceiling.tolist())
+        with torch.no_grad():
+            for kind, decoders in fitted.items():
+                _, cos = decoders.losses(stacked)
+                for n, c in cos.items():
+                    columns[kind].setdefault(n, []).extend(c.tolist())
+            if bank is not None:
+                pred = bank.decoders({n: v[:2] for n, v in batch.items()})
+                for n, g in pred.items():
+                    columns["bank"].setdefault(n, []).extend(pair_cosine(g[None], batch[n][2][None].float())[0].tolist())
+    per_matrix = {col: {n: sum(v) / len(v) for n, v in vals.items()} for col, vals in columns.items()}
+    order = list(columns)
+    by_role: dict[str, dict[str, float]] = {}
+    for m in infos:
+        for col in order:
+            by_role.setdefault(m.role, {}).setdefault(col, []).append(per_matrix[col][m.name])
+    by_role = {role: {col: sum(v) / len(v) for col, v in cols.items()} for role, cols in by_role.items()}
+    return {"pairs": str(dataset.path), "split": config.split, "pairs_evaluated": pairs, "matrices": len(infos),
+            "bank": config.bank, "bank_kinds": bank.kinds if bank else None, "columns": order,
+            "by_role": by_role, "per_matrix": per_matrix, "seconds": time.time() - t0,
+            "config": config.model_dump(mode="json")}
+
+
+def format_eval(result: dict) -> str:
+    cols = result["columns"]
+    lines = [f"held-out cosine to the true full gradient, mean over {result['matrices']} matrices x "
+             f"{result['pairs_evaluated']} pairs of {result['pairs']} (split {result['split']}); "
+             f"ceiling = best rank-r (truncated SVD)",
+             f"{'role':<10}" + "".join(f"{c:>11}" for c in cols)]
+    for role, vals in result["by_role"].items():
+        lines.append(f"{role:<10}" + "".join(f"{vals[c]:>11.3f}" for c in cols))
+    return "\n".join(lines)
+
+
+def plot_eval(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    roles, cols = list(result["by_role"]), result["columns"]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(roles), 3.6))
+    width = 0.8 / len(cols)
+    for i, col in enumerate(cols):
+        ax.bar([r + i * width for r in range(len(roles))], [result["by_role"][ro][col] for ro in roles], width, label=col)
+    ax.set_xticks([r + 0.4 - width / 2 for r in range(len(roles))], [ro.removesuffix("_proj") for ro in roles])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("cosine to true gradient")
+    ax.set_title(f"decoders on {result['pairs_evaluated']} {result['split']} pairs")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
