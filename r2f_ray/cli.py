@@ -218,11 +218,59 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from r2f_ray.io import write_json
+    from r2f_ray.pipeline.train import TrainConfig, format_summary, run_training
+
+    overrides = {"pairs": args.pairs, "output": args.output, "kind": args.kind, "epochs": args.epochs,
+                 "num_workers": args.workers, "zero_stage": args.zero_stage, "loss": args.loss}
+    config = load_config(TrainConfig, args.config, {**_parse_sets(args.set), **{k: v for k, v in overrides.items() if v is not None}})
+    import ray
+
+    if not ray.is_initialized():  # under `ray job submit` this joins the job's cluster (RAY_ADDRESS)
+        ray.init(address=args.address)
+    try:
+        summary = run_training(config, overwrite=args.overwrite)
+    except FileExistsError as e:
+        raise UsageError(str(e)) from None
+    print(format_summary(summary))
+    if args.json:
+        write_json(args.json, summary)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_eval_decoders(args: argparse.Namespace) -> int:
+    from r2f_ray.decoder_eval import EvalConfig, format_eval, plot_eval, run_eval
+    from r2f_ray.io import write_json
+
+    overrides = {"bank": args.bank, "pairs": args.pairs, "split": args.split}
+    config = load_config(EvalConfig, args.config, {**_parse_sets(args.set), **{k: v for k, v in overrides.items() if v is not None}})
+    result = run_eval(config, progress=not args.quiet)
+    print(format_eval(result))
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_eval(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def _float(text: str, flag: str) -> float:
     try:
         return float(text)
     except ValueError:
         raise UsageError(f"{flag} must be a number or 'auto', got {text!r}") from None
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from r2f_ray.demo import DemoConfig, format_demo, run_demo
+
+    config = load_config(DemoConfig, args.config, {**_parse_sets(args.set), **({"output": args.output} if args.output else {})})
+    summary = run_demo(config, progress=not args.quiet)
+    print(format_demo(summary))
+    return 0
 
 
 def _parse_sets(items: list[str]) -> dict:
@@ -240,6 +288,12 @@ def _parse_sets(items: list[str]) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r2f", description="Recover-to-Forget LLM unlearning on Ray")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the main job: pairs, decoders, service, forgetting and evaluation on SmolLM2, end to end")
+    _add_config_args(p)
+    p.add_argument("--output", help="folder for all outputs (default runs/demo)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("info", help="versions, devices, cache paths, default model status")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -261,6 +315,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pairs", help="generate (or resume) a (LoRA gradient, full gradient) pair dataset with Ray Data")
     add_pairs_args(p)
     p.set_defaults(func=cmd_pairs)
+
+    p = sub.add_parser("train", help="train a decoder bank from a pair dataset (Ray Train + DeepSpeed); reruns resume")
+    _add_config_args(p)
+    p.add_argument("--pairs", help="pair dataset folder (from `r2f pairs`)")
+    p.add_argument("--output", help="decoder bank folder to write")
+    p.add_argument("--kind", help="decoder kind for every role: naive, linear, mlp, two_sided, sketch, auto (default)")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default 10; early stopping may end sooner)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage (default 2)")
+    p.add_argument("--loss", choices=["cosine", "mse", "combined"], help="training loss (default cosine)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray, or RAY_ADDRESS)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bank at --output")
+    p.add_argument("--json", metavar="PATH", help="also write the training summary as JSON")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval-decoders", help="held-out cosine per role: naive, each decoder kind, the bank, the rank-r ceiling")
+    _add_config_args(p)
+    p.add_argument("--bank", help="decoder bank folder (optional: kinds are also fitted on the fly)")
+    p.add_argument("--pairs", help="pair dataset to evaluate on (another corpus than the training one, or the target's)")
+    p.add_argument("--split", choices=["train", "heldout", "all"], help="which pairs to evaluate on (default heldout)")
+    p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
+    p.add_argument("--plot", metavar="PNG", help="also draw the table as a PNG bar chart")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval_decoders)
 
     p = sub.add_parser("serve", help="run the unlearning service (Ray Serve, FastAPI) on this machine")
     _add_config_args(p)
