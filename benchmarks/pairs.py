@@ -70,6 +70,7 @@ def run(config: PairsConfig) -> dict:
     with ActorMemory() as mem:
         summary = run_pairs(config, progress=False)
     summary["actor_peak_rss_mib"] = sorted(round(v / 2**20) for v in mem.peak.values())
+    summary["load_average_1min_after"] = round(os.getloadavg()[0], 1)  # the machine is shared: say how busy it was
     return summary
 
 
@@ -149,11 +150,12 @@ def main() -> None:
                          "speedup_2_over_1_actor": r["2 actors"]["pairs_per_s"] / r["1 actor"]["pairs_per_s"]}
     print(f"\nPair generation, SmolLM2-135M-Instruct, 210 matrices (7 roles x 30 layers), {args.tokens}-token Lee texts, "
           f"LoRA r=8, fp32; {results['machine']}")
-    print(f"{'run':<30}{'pairs':>7}{'wall s':>8}{'pairs/s':>9}{'KiB/pair disk':>15}{'KiB/pair payload':>18}{'actor peak RSS MiB':>20}")
+    print(f"{'run':<30}{'pairs':>7}{'wall s':>8}{'pairs/s':>9}{'KiB/pair disk':>15}{'KiB/pair payload':>18}"
+          f"{'actor peak RSS MiB':>20}{'load avg':>10}")
     for name, s in r.items():
         print(f"{name:<30}{s['pairs_written']:>7}{s['generate_s']:>8.1f}{s['pairs_per_s']:>9.1f}"
               f"{s['file_bytes_per_pair'] / 1024:>15.1f}{s['payload_bytes_per_pair'] / 1024:>18.1f}"
-              f"{str(s['actor_peak_rss_mib']):>20}")
+              f"{str(s['actor_peak_rss_mib']):>20}{s['load_average_1min_after']:>10}")
     print(f"{'dense G (from shapes)':<30}{'':>7}{'':>8}{'':>9}{'':>15}{dense / 1024:>18.1f}")
     q = results["ratios"]
     print(f"dense / factors: {q['dense_over_factors_unshared']:.2f}x (inputs per matrix), "
