@@ -156,7 +156,10 @@ def test_generate_keeps_answering_during_an_unlearn_job(client, served):
     from the new version, never from a mix, and the new version appears once and stays."""
     parent = client.models()["active"]
     expected = {parent: _text(client)["text"]}
-    job = client.unlearn(**{**FORGET, "requests": [{"prompt": "Who rules Zorbia?", "answer": "Queen Ama"}]})
+    # three facts, five views each: a job long enough that generate calls land while it runs
+    facts = [{"prompt": p, "answer": a} for p, a in (("Who rules Zorbia?", "Queen Ama"), ("What does Zorbia export?", "tin"),
+                                                     ("What is Zorbia's currency?", "the zorb"))]
+    job = client.unlearn(**{**FORGET, "requests": facts, "views": 5})
     results, errors = [], []
 
     def hammer():

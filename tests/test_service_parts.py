@@ -217,3 +217,17 @@ def test_rayservice_manifest_deploys_this_service():
     config = ServiceConfig.model_validate(app.args)
     assert config.num_gpus == 1 and str(config.state_dir).startswith("/data/")
     assert [d.num_replicas for d in app.deployments] == [1]
+
+
+def test_r2f_serve_refuses_bad_setup_before_starting_ray(tmp_path, capsys, monkeypatch):
+    from r2f_ray.cli import main
+
+    monkeypatch.delenv("R2F_SERVICE_TOKENS", raising=False)
+    assert main(["serve", "--model", "tiny", "--state-dir", str(tmp_path)]) == 2
+    assert "no bearer tokens configured" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "nope"), "--allow-unauthenticated"]) == 2
+    assert "neither 'default', 'tiny' nor a local Hugging Face folder" in capsys.readouterr().err
+    assert main(["serve", "--model", "tiny", "--allow-unauthenticated", "--bank", str(tmp_path / "nobank")]) == 2
+    assert "decoder bank folder" in capsys.readouterr().err
+    assert main(["serve", "--allow-unauthenticated", "--set", "limits.max_requests=0"]) == 2
+    assert "limits.max_requests" in capsys.readouterr().err
