@@ -185,6 +185,15 @@ def test_failing_engine_leaves_active_version_and_weights_unchanged(tmp_path):
         assert all(torch.equal(calls[0].deltas[n], calls[1].deltas[n]) for n in calls[0].deltas)
         events = [r["event"] for r in service.audit.read()]
         assert events.count("unlearn_failed") == 1 and events.count("unlearn_succeeded") == 1
+
+        # a dry run reports what the update would do and changes nothing
+        active_hash = weights_hash(service.serving)
+        job, _ = service.submit_unlearn(body.model_copy(update={"dry_run": True}), "alice")
+        dry = _wait(service, job["job_id"])
+        assert dry["status"] == "succeeded" and dry["result"]["dry_run"] and dry["result"]["version"] is None
+        assert dry["result"]["changed_matrices"] > 0 and "answered_after" in dry["result"]["metrics"]
+        assert service.store.ids() == [ROOT, "v0001"] and service.active_version == "v0001"
+        assert weights_hash(service.serving) == active_hash == weights_hash(service.work)
     finally:
         service.close()
 
