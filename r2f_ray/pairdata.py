@@ -186,7 +186,7 @@ def build_manifest(*, model_id: str, weights_sha256: str, spec: LoraSpec, matric
 
 
 _IDENTITY_KEYS = ("format", "schema_version", "proxy", "lora", "mode", "examples_per_pair", "steps", "step_lr",
-                  "storage", "dtype", "tokens", "packing", "matrices", "input_columns")
+                  "storage", "dtype", "tokens", "packing", "matrices", "input_columns", "split")
 
 
 def check_compatible(existing: dict, new: dict) -> None:

@@ -311,9 +311,19 @@ def run_pairs(config: PairsConfig, progress: bool = True) -> dict:
     if not ray.is_initialized():
         ray.init()
     ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = progress
-    ctx.print_on_execution_start = False
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start)
+    ctx.execution_options.preserve_order = True  # deterministic item order: the same job makes the same items
+    ctx.enable_progress_bars, ctx.print_on_execution_start = progress, False
+    try:
+        summary = _generate(config, out, manifest)
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start = saved
+    summary.update(items_salvaged=salvaged, wall_s=round(time.time() - t0, 2))
+    return summary
+
+
+def _generate(config: PairsConfig, out: Path, manifest: dict) -> dict:
+    import ray
 
     texts = read_source(config).map_batches(tokenize_batch, batch_size=64, fn_kwargs={
         "model": config.model, "tokens": config.tokens, "packing": config.packing}).take_all()
@@ -344,11 +354,11 @@ def run_pairs(config: PairsConfig, progress: bool = True) -> dict:
         "output": str(out), "manifest": str(out / MANIFEST), "proxy": manifest["proxy"]["model_id"],
         "mode": config.mode, "storage": config.storage, "dtype": config.dtype,
         "matrices": len(manifest["matrices"]), "texts_read": len(texts), "items_available": len(items),
-        "items_salvaged": salvaged, "items_skipped_already_committed": len(items) - len(todo),
+        "items_skipped_already_committed": len(items) - len(todo),
         "items_written": len(todo), "pairs_written": pairs, "actors": config.actors, "gpus_per_actor": num_gpus,
         "rows_per_file": rows_per_file, "generate_s": round(gen_s, 2),
         "pairs_per_s": round(pairs / gen_s, 2) if gen_s else None,
-        "dataset": dict(manifest["counts"]), "wall_s": round(time.time() - t0, 2),
+        "dataset": dict(manifest["counts"]),
     }
 
 
@@ -363,7 +373,7 @@ def format_summary(s: dict) -> str:
         f"{'pairs (item x matrix)':<26}{s['pairs_written']:>12}{c['pairs']:>12}",
         f"{'committed runs (shards)':<26}{int(bool(s['items_written'])):>12}{c['shards']:>12}",
         f"salvaged {s['items_salvaged']} items of a killed run; skipped {s['items_skipped_already_committed']} items "
-        f"already committed; dataset size {c['bytes'] / 2**20:.1f} MiB",
+        f"already committed (salvaged ones included); dataset size {c['bytes'] / 2**20:.1f} MiB",
         f"generation {s['generate_s']:.1f} s wall ({rate} pairs/s incl. actor start-up), total {s['wall_s']:.1f} s",
         f"manifest: {s['manifest']}",
     ])
