@@ -207,7 +207,7 @@ def make_paraphraser(name: str, **kwargs) -> Paraphraser:
 
 @dataclass
 class SemanticFilter:
-    """Keeps a paraphrase only if it does not leak the answer, keeps at least ``min_content_recall`` of
+    """Keeps a paraphrase only if it does not leak the answer (introduce it when the original lacks it), keeps at least ``min_content_recall`` of
     the original's content words (so the subject survives), is not a duplicate, and, when an
     ``embed`` function (texts -> [n, d] tensor) is given, has cosine >= ``min_cosine`` to the original."""
 
@@ -220,7 +220,7 @@ class SemanticFilter:
         why = []
         if not candidate.strip():
             why.append("empty")
-        if contains_answer(candidate, answer):
+        if contains_answer(candidate, answer) and not contains_answer(original, answer):
             why.append("leaks the answer")
         want = content_words(original)
         if want and len(want & content_words(candidate)) / len(want) < self.min_content_recall:

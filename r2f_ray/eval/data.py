@@ -8,6 +8,7 @@ import random
 
 from r2f_ray import assets
 from r2f_ray.assets import Fact
+from r2f_ray.core.paraphrase import contains_answer
 from r2f_ray.eval.metrics import answered
 
 # General-knowledge multiple choice on subjects unrelated to geography (GUR's non-target task).
@@ -56,14 +57,15 @@ def heldout_texts(n: int) -> list[str]:
 
 def fact_pool(relations: tuple[str, ...] = ("capital",)) -> list[Fact]:
     """Facts from countryinfo for the relations, plus gensim's questions-words capitals; one per
-    (subject, relation)."""
+    (subject, relation), without those whose question contains the answer."""
     facts = list(assets.country_facts(relations))
     if "capital" in relations:
         facts += assets.questions_words_capitals()
     seen, unique = set(), []
     for f in facts:
         key = (f.subject.lower(), f.relation)
-        if key not in seen:
+        # "What is the capital of Mexico?" -> "Mexico City": the question already says the answer
+        if key not in seen and not contains_answer(f.prompt, f.answer):
             seen.add(key)
             unique.append(f)
     return unique

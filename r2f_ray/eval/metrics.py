@@ -75,7 +75,10 @@ def mc_accuracy(model: nn.Module, tokenizer, questions: list[tuple[str, list[str
 
 
 def gur(before: float, after: float, lower_is_better: bool = False) -> float:
-    """General utility retention, 100 x after/before (before/after for perplexity-like scores)."""
+    """General utility retention, 100 x after/before (before/after for perplexity-like scores); NaN
+    when the reference is zero (nothing to retain)."""
+    if (after if lower_is_better else before) == 0:
+        return float("nan")
     return 100.0 * (before / after if lower_is_better else after / before)
 
 
@@ -134,9 +137,11 @@ def relearn(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], steps: in
 
 def rap(model: nn.Module, tokenizer, targets: list[tuple[str, str]], paraphrases: list[list[str]], steps: int = 5,
         lr: float = 1e-4, max_new_tokens: int = 16) -> float:
-    """Relearning attack precision: fine-tune on paraphrases of the targets (with their answers) for a
+    """Relearning attack precision: fine-tune on paraphrases of the targets (their answers, then the end of
+    turn) for a
     fixed budget, then ask the original prompts: % answered again (lower is better)."""
-    pairs = [(p, a) for (_, a), ps in zip(targets, paraphrases) for p in ps]
+    end = tokenizer.eos_token or ""  # the answer closes the assistant turn, as in chat fine-tuning
+    pairs = [(p, a + end) for (_, a), ps in zip(targets, paraphrases) for p in ps]
     attacked = relearn(model, tokenizer, pairs, steps, lr)
     hits = answered(attacked, tokenizer, targets, max_new_tokens)
     return _rate(sum(hits), len(hits))

@@ -1,0 +1,152 @@
+"""Evaluation metrics on hand-made cases with known answers, and the harness end to end on a tiny model
+taught a few facts (JSON, Markdown and HTML reports)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from r2f_ray.assets import LoadedModel, tiny_llama, weights_hash
+from r2f_ray.core.lora import LoraSpec
+from r2f_ray.core.unlearn import StepConfig, UnlearnConfig, encode_pairs, example_nll
+from r2f_ray.eval import data, metrics
+from r2f_ray.eval.harness import EvalConfig, run_evaluation, teach
+from r2f_ray.eval.report import html_report, markdown_table, write_reports
+
+
+def test_usr_and_retention_count_only_items_known_before():
+    before = [True, True, True, False]
+    after = [False, True, False, True]
+    assert metrics.usr(before, after) == pytest.approx(200 / 3)
+    assert metrics.retention(before, after) == pytest.approx(100 / 3)
+    assert math.isnan(metrics.usr([False], [False]))
+    with pytest.raises(ValueError):
+        metrics.usr([True], [True, False])
+
+
+def test_gur_ratios():
+    assert metrics.gur(10.0, 12.5, lower_is_better=True) == pytest.approx(80.0)
+    assert metrics.gur(80.0, 60.0) == pytest.approx(75.0)
+    assert math.isnan(metrics.gur(0.0, 50.0))
+
+
+def test_auc_known_cases():
+    assert metrics.auc([3, 4], [1, 2]) == 1.0
+    assert metrics.auc([1, 2], [3, 4]) == 0.0
+    assert metrics.auc([1, 1], [1, 1]) == 0.5
+    assert metrics.auc([1, 3], [2]) == 0.5
+    with pytest.raises(ValueError):
+        metrics.auc([], [1.0])
+
+
+def test_identity_alignment_known_cases():
+    p = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]]), -1)
+    same = metrics.identity_alignment(p, p)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-7) and same["cosine"] == pytest.approx(1.0) and same["top1_agreement"] == 100.0
+    q = torch.log(torch.tensor([[0.5, 0.5, 1e-9], [1 / 3, 1 / 3, 1 / 3]]))
+    moved = metrics.identity_alignment(p, q)
+    expected = float((p.exp() * (p - q)).sum(-1).mean())
+    assert moved["kl"] == pytest.approx(expected) and moved["kl"] > 0 and moved["top1_agreement"] == 50.0
+
+
+def test_reconstruction_cosine_global_and_by_role():
+    exact = {"model.layers.0.self_attn.q_proj": torch.tensor([[1.0, 0.0]]), "model.layers.0.mlp.down_proj": torch.tensor([[0.0, 1.0]])}
+    est = {"model.layers.0.self_attn.q_proj": torch.tensor([[2.0, 0.0]]), "model.layers.0.mlp.down_proj": torch.tensor([[1.0, 0.0]])}
+    out = metrics.reconstruction_cosine(est, exact)
+    assert out["by_role"] == pytest.approx({"q": 1.0, "down": 0.0})
+    assert out["global"] == pytest.approx(2 / math.sqrt(5) / math.sqrt(2))
+    with pytest.raises(ValueError):
+        metrics.reconstruction_cosine({"a": torch.ones(1)}, {"b": torch.ones(1)})
+
+
+def test_perplexity_equals_the_mean_token_nll(tiny):
+    model, tok = tiny
+    texts = ["hello world, this is a test", "another short text"]
+    nll, n = 0.0, 0
+    for t in texts:
+        ids = tok(t, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :10]
+        logits = model(input_ids=ids).logits[0, :-1]
+        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").detach())
+        n += ids.shape[1] - 1
+    assert metrics.perplexity(model, tok, texts, tokens=10) == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def taught():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared cores: no OpenMP spin-waiting
+    model, tok = tiny_llama(seed=0)
+    facts = data.fact_pool()[:6]
+    teach(model, tok, facts, steps=100, lr=3e-3)
+    yield model, tok, facts
+    torch.set_num_threads(threads)
+
+
+def test_answered_rank_mc_and_membership_on_taught_facts(taught):
+    model, tok, facts = taught
+    pairs = [(f.prompt, f.answer) for f in facts]
+    assert metrics.answered(model, tok, pairs) == [True] * len(facts)
+    assert metrics.answered(model, tok, [(facts[0].prompt, "Atlantis")]) == [False]
+    f = facts[0]
+    assert metrics.answer_rank(model, tok, f.prompt, f.answer, [g.answer for g in facts[1:]]) == 1
+    # multiple choice with the taught answer as the right option: the model must pick it
+    assert metrics.mc_accuracy(model, tok, [(g.prompt, [facts[(i + 1) % 6].answer, g.answer], 1) for i, g in enumerate(facts)]) == 100.0
+    never = [(g.prompt, g.answer) for g in data.fictitious_facts(6, seed=3)]
+    assert metrics.membership_auc(model, tok, pairs, never) == 1.0  # taught facts have far lower loss
+
+
+def test_relearning_attack_recovers_a_removed_fact(taught):
+    model, tok, facts = taught
+    f = facts[0]
+    damaged = copy.deepcopy(model)
+    teach_wrong = [(f.prompt, "Atlantis" + tok.eos_token)]
+    ids, mask, labels = encode_pairs(tok, teach_wrong)
+    opt = torch.optim.Adam(damaged.parameters(), lr=3e-3)
+    for _ in range(15):
+        loss = example_nll(damaged(input_ids=ids, attention_mask=mask).logits, labels).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    damaged.eval()
+    assert metrics.answered(damaged, tok, [(f.prompt, f.answer)]) == [False]
+    assert metrics.rap(damaged, tok, [(f.prompt, f.answer)], [[f.prompt]], steps=0) == 0.0
+    assert metrics.rap(damaged, tok, [(f.prompt, f.answer)], [[f.prompt]], steps=15, lr=3e-3) == 100.0
+
+
+def test_fictitious_facts_are_deterministic_and_distinct():
+    a, b = data.fictitious_facts(10, seed=1), data.fictitious_facts(10, seed=1)
+    assert a == b and len({f.subject for f in a}) == 10
+    assert data.fictitious_facts(3, seed=2) != a[:3]
+
+
+@pytest.mark.slow
+def test_harness_end_to_end_writes_json_markdown_and_html(taught, tmp_path):
+    model, tok, _ = taught
+    loaded = LoadedModel(copy.deepcopy(model), tok, "tiny-taught", weights_hash(model))
+    config = EvalConfig(model="tiny", methods=["r2f", "exact_multiview", "fused_exact", "lora_mul"], facts=2, neighbours=2,
+                        views=3, probes=2, mia_prompts=3, heldout_texts=2, mc_questions=2, rap_steps=1, sequential=1,
+                        sequential_methods=["exact_multiview"], lora=LoraSpec(r=4),
+                        unlearn=UnlearnConfig(step=StepConfig(retain_kl_budget=3.0, grid_max=10.24)))
+    result = run_evaluation(config, progress=False, log=lambda m: None, loaded=loaded)
+    assert weights_hash(loaded.model) == weights_hash(model)  # the harness restores the original weights
+    table = result["table"]
+    assert set(table) == {"r2f", "exact_multiview", "fused_exact", "lora_mul"}
+    assert table["exact_multiview"]["deletions"] == 2
+    # fused_exact takes exact_multiview's step and must land on the same weights
+    rows = {(r["method"], r["fact"]): r for r in result["rows"]}
+    for fact in {r["fact"] for r in result["rows"]}:
+        if not rows[("exact_multiview", fact)]["rejected"]:
+            assert rows[("fused_exact", fact)]["step"] == rows[("exact_multiview", fact)]["step"]
+            assert rows[("fused_exact", fact)]["recon_cosine"] == pytest.approx(1.0, abs=1e-4)
+    assert len(result["sequential"]["exact_multiview"]) == 1
+    paths = write_reports(result, tmp_path / "out")
+    assert json.loads(open(paths["json"]).read())["model"] == "tiny-taught"
+    md = open(paths["markdown"]).read()
+    assert "| exact_multiview |" in md and "USR" in md
+    assert "data:image/png;base64," in open(paths["html"]).read()
+    assert markdown_table(result).splitlines()[0].startswith("Model tiny-taught")
+    assert "<table>" in html_report(result)
