@@ -62,6 +62,58 @@ class DecoderBank:
         """``grad_B @ A0`` for every matrix: no training, the reference floor."""
         return cls(DecoderSet(matrices, spec, "naive"), model_id, weights_sha256, {"trained": False})
 
+    @classmethod
+    def calibrated(cls, spec: LoraSpec, matrices: list[MatrixInfo], model_id: str, weights_sha256: str,
+                   covariances: dict[str, Tensor], ridge: float = 1e-3) -> "DecoderBank":
+        """Linear lifts fitted from the model's own input covariances (forward passes only, no pairs):
+        see ``LinearGroup.init_covariance``. Works for any model, whatever its shapes."""
+        decoders = DecoderSet(matrices, spec, "linear")
+        _init_from_covariance(decoders, covariances, ridge)
+        return cls(decoders, model_id, weights_sha256, {"trained": False, "calibration": "input covariance"})
+
+    def map_by_role_depth(self, matrices: list[MatrixInfo], spec: LoraSpec, model_id: str, weights_sha256: str,
+                          covariances: dict[str, Tensor] | None = None, ridge: float = 1e-3) -> "DecoderBank":
+        """Transfer to a model of other shapes (e.g. another family): each target matrix takes the kind
+        (and shape-free settings) of the proxy matrix of the same role at the nearest relative depth
+        (layer / last layer). ``sketch`` decoders carry over (their learned ridge; the shape-bound lift
+        restarts at zero); ``naive`` stays naive; the shape-bound kinds (linear, mlp, two_sided) become
+        linear lifts calibrated on the target's input covariances (``covariances``, forward passes only).
+        The target spec must equal the bank's in r, alpha, seed and init (its target modules differ)."""
+        mine = self.spec.model_dump(exclude={"target_modules"})
+        theirs = spec.model_dump(exclude={"target_modules"})
+        if mine != theirs:
+            raise ValueError(f"role/depth transfer keeps the LoRA settings: bank {mine} vs target {theirs}")
+        def depth(m: MatrixInfo, ms: list[MatrixInfo]) -> float:
+            last = max(x.layer for x in ms)
+            return m.layer / last if last else 0.0
+        mapping, kinds = {}, {}
+        for m in matrices:
+            same_role = [p for p in self.matrices if p.role == m.role]
+            if not same_role:
+                raise ValueError(f"the bank has no {m.role} decoders to map {m.name} to "
+                                 f"(it has {sorted({p.role for p in self.matrices})})")
+            source = min(same_role, key=lambda p: abs(depth(p, self.matrices) - depth(m, matrices)))
+            mapping[m.name] = source.name
+            kind = self.kinds[source.role]
+            kinds[m.role] = kind if kind in ("naive", "sketch") else "linear"
+        needs_cov = [m.name for m in matrices if kinds[m.role] == "linear"]
+        missing = [n for n in needs_cov if covariances is None or n not in covariances]
+        if missing:
+            raise ValueError(f"mapping {len(missing)} matrices (e.g. {missing[0]!r}) to linear lifts needs their input "
+                             "covariances from forward passes on the target: pass covariances=input_covariance(...)")
+        options = {k: v for k, v in self.decoders.options.items() if k in set(kinds.values())}
+        decoders = DecoderSet(matrices, spec, kinds, options)
+        with torch.no_grad():
+            for key, group in decoders.groups.items():
+                if group.kind == "sketch":
+                    for i, name in enumerate(group.names):
+                        src_key, j = self.decoders.where[mapping[name]]
+                        group.log_ridge[i].copy_(self.decoders.groups[src_key].log_ridge[j])
+        _init_from_covariance(decoders, {n: covariances[n] for n in needs_cov} if needs_cov else {}, ridge)
+        info = {"trained": False, "transfer": {"mode": "by_role_depth", "from_model": self.model_id,
+                                               "from_weights_sha256": self.weights_sha256, "mapping": mapping}}
+        return DecoderBank(decoders, model_id, weights_sha256, info)
+
     @torch.no_grad()
     def decode(self, lora_grads: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
         """{name: (grad_A [r, d_in], grad_B [d_out, r])} -> {name: G_hat [d_out, d_in]} (fp32), batched per group."""
@@ -147,3 +199,12 @@ class DecoderBank:
         bank = cls(decoders.to(device), manifest["model_id"], manifest["weights_sha256"], manifest.get("info"))
         bank.transfer = transfer if model_mismatch else None
         return bank
+
+
+def _init_from_covariance(decoders: DecoderSet, covariances: dict[str, Tensor], ridge: float) -> None:
+    for group in decoders.groups.values():
+        if group.kind == "linear":
+            missing = [n for n in group.names if n not in covariances]
+            if missing:
+                raise ValueError(f"no input covariance for {missing[:3]}")
+            group.init_covariance(torch.stack([covariances[n] for n in group.names]), ridge)

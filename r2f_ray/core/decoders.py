@@ -133,6 +133,22 @@ class LinearGroup(DecoderGroup):
         with torch.no_grad():
             self.lift.copy_(stats.solve(ridge).to(self.lift))
 
+    def init_covariance(self, cov: Tensor, ridge: float = 1e-3) -> None:
+        """Forward-only start from the input covariance C [K, d_in, d_in] of each matrix.
+
+        ``min_R E||s G A0^T R - G||^2`` has ``R = (A0 M A0^T)^-1 A0 M / s`` with M = E[G^T G]; for
+        G = D^T X with output gradients roughly isotropic and independent of the inputs, M is
+        proportional to C = E[X^T X], which forward passes alone measure (on any model, any shapes).
+        """
+        a0 = self.a0.double()
+        m = cov.double().to(a0.device)
+        gram = a0 @ m @ a0.transpose(-1, -2)
+        scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(_EPS)[:, None, None]
+        eye = torch.eye(self.r, dtype=gram.dtype, device=gram.device)
+        lift = torch.linalg.solve(gram + ridge * scale * eye, a0 @ m) / self.scaling
+        with torch.no_grad():
+            self.lift.copy_(lift.to(self.lift))
+
     def forward(self, grad_a, grad_b, index=None):
         return grad_b.float() @ self._pick(self.lift, index).unsqueeze(1)
 
@@ -368,3 +384,29 @@ def baseline_cosines(decoders: DecoderSet, stacked: dict) -> dict[str, tuple[Ten
         ceiling = (s2[..., : group.r].sum(-1) / s2.sum(-1).clamp_min(_EPS)).sqrt().float()
         out.update(zip(names, zip(naive.unbind(0), ceiling.unbind(0))))
     return out
+
+
+@torch.no_grad()
+def input_covariance(model: nn.Module, names: list[str], input_ids: Tensor, attention_mask: Tensor | None = None) -> dict[str, Tensor]:
+    """E[x x^T] of the inputs of each named linear over the unpadded tokens, [d_in, d_in] fp64: forward passes only."""
+    from r2f_ray.core.targets import find_module
+
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    keep = attention_mask.bool()
+    sums: dict[str, Tensor] = {}
+
+    def make_hook(name: str):
+        def hook(module, args, out):
+            x = args[0][keep].double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+        return hook
+
+    handles = [find_module(model, n).register_forward_hook(make_hook(n)) for n in names]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    count = int(keep.sum())
+    return {n: sums[n] / count for n in names}

@@ -294,13 +294,8 @@ def _cpus_per_worker(config: TrainConfig) -> float:
     return max(0.25, min(1.0, (total - 1.0) / config.num_workers))
 
 
-def run_training(config: TrainConfig, overwrite: bool = False) -> dict:
-    """Train a decoder bank with Ray Train + DeepSpeed (Ray must be initialised). Returns a summary."""
-    import ray
-    import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def check_config(config: TrainConfig, overwrite: bool = False):
+    """Everything that can be wrong before Ray starts: (dataset, matrices, kinds per role) or a clear error."""
     if config.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.loss!r}: choose one of {sorted(LOSSES)}")
     output = Path(config.output).resolve()
@@ -312,7 +307,20 @@ def run_training(config: TrainConfig, overwrite: bool = False) -> dict:
     for role, kind in kinds.items():
         if kind not in DECODERS:
             raise ValueError(f"unknown decoder kind {kind!r} for {role}: choose one of {sorted(DECODERS)}")
-    DecoderSet(matrices[:1], dataset.spec, kinds, config.options)  # validates kinds against the LoRA init early
+    one_per_role = list({m.role: m for m in matrices}.values())
+    DecoderSet(one_per_role, dataset.spec, kinds, config.options)  # kinds vs the LoRA init, options
+    return dataset, matrices, kinds
+
+
+def run_training(config: TrainConfig, overwrite: bool = False) -> dict:
+    """Train a decoder bank with Ray Train + DeepSpeed (Ray must be initialised). Returns a summary."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    dataset, matrices, kinds = check_config(config, overwrite)
+    output = Path(config.output).resolve()
     names = [m.name for m in matrices]
     fraction = dataset.manifest["split"]["heldout_fraction"]
     ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch lines report progress
