@@ -220,11 +220,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from r2f_ray.io import write_json
-    from r2f_ray.pipeline.train import TrainConfig, format_summary, run_training
+    from r2f_ray.pipeline.train import TrainConfig, check_config, format_summary, run_training
 
     overrides = {"pairs": args.pairs, "output": args.output, "kind": args.kind, "epochs": args.epochs,
                  "num_workers": args.workers, "zero_stage": args.zero_stage, "loss": args.loss}
     config = load_config(TrainConfig, args.config, {**_parse_sets(args.set), **{k: v for k, v in overrides.items() if v is not None}})
+    try:
+        check_config(config, overwrite=args.overwrite)  # fail fast, before Ray starts
+    except FileExistsError as e:
+        raise UsageError(str(e)) from None
     import ray
 
     if not ray.is_initialized():  # under `ray job submit` this joins the job's cluster (RAY_ADDRESS)
