@@ -4,6 +4,7 @@ uses, what it changes, what it refuses, and the auto step's retain budget."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -290,3 +291,16 @@ def test_search_step_finds_the_smallest_passing_step():
     assert search_step(evaluate, rule.model_copy(update={"retain_kl_budget": 0.005}), []) is None
     # never removed within the grid
     assert search_step(lambda e: {"removed": False, "retain_kl": 0.0}, rule, []) is None
+
+
+def test_cli_unlearn_reports_and_refuses_bad_input(tmp_path, capsys):
+    from r2f_ray.cli import main
+
+    assert main(["unlearn", "--model", "tiny", "--prompt", "", "--answer", "Paris"]) == 2
+    assert "empty prompt" in capsys.readouterr().err
+    assert main(["unlearn", "--model", "tiny", "--prompt", FACTS[0].prompt, "--answer", "Paris", "--step", "big"]) == 2
+    out = tmp_path / "report.json"
+    assert main(["unlearn", "--model", "tiny", "--prompt", FACTS[0].prompt, "--answer", "Paris", "--step", "0.2",
+                 "--views", "2", "--method", "exact_multiview", "--set", "lora.r=4", "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["method"] == "exact_multiview" and summary["step"] == 0.2 and len(summary["reports"]) == 1
