@@ -240,3 +240,34 @@ def test_r2f_serve_refuses_bad_setup_before_starting_ray(tmp_path, capsys, monke
     assert "decoder bank folder" in capsys.readouterr().err
     assert main(["serve", "--allow-unauthenticated", "--set", "limits.max_requests=0"]) == 2
     assert "limits.max_requests" in capsys.readouterr().err
+
+
+def test_restart_completes_a_job_that_committed_its_version_before_the_stop(tmp_path):
+    """A stop between writing a version and switching to it: the next start finds the version by its
+    job id, activates it and marks the job succeeded, instead of running the job again."""
+    from r2f_ray.io import write_json
+
+    model, tok = tiny_llama(seed=2)
+    sha = weights_hash(model)
+    config = ServiceConfig(model="tiny", state_dir=tmp_path, allow_unauthenticated=True)
+    first = UnlearnService(config, loaded=LoadedModel(model, tok, "tiny", sha))
+    first.close()
+    name = "model.layers.0.mlp.down_proj"
+    delta = {name: torch.full_like(find_module(model, name).weight, 1e-3)}
+    expected = find_module(model, name).weight.detach().clone() + delta[name]
+    job_id = "job-20261122T000000-deadbeef"
+    first.store.commit("v0000", delta, {"job_id": job_id, "actor": "alice", "requests": []})
+    write_json(tmp_path / "jobs" / f"{job_id}.json", {
+        "job_id": job_id, "status": "running", "created": "2026-11-22T00:00:00Z", "started": "2026-11-22T00:00:01Z",
+        "finished": None, "actor": "alice", "idempotency_key": None, "fingerprint": "f", "result": None, "error": None,
+        "attempts": 1, "request": {"requests": [{"prompt": "p", "answer": "a"}], "step": 1.0}})
+
+    second = UnlearnService(config, loaded=LoadedModel(model, tok, "tiny", sha))
+    try:
+        job = second.jobs.get(job_id)
+        assert job["status"] == "succeeded" and job["result"]["recovered"] and job["result"]["version"] == "v0001"
+        assert second.active_version == "v0001" and second.store.active() == "v0001"
+        assert torch.equal(find_module(second.serving, name).weight, expected)
+        assert torch.equal(find_module(second.work, name).weight, expected)
+    finally:
+        second.close()
