@@ -51,9 +51,11 @@ def check_entrypoint(entrypoint: str, where: str) -> None:
 
 
 def _config_classes() -> dict:
+    from r2f_ray.eval.harness import EvalConfig
     from r2f_ray.pipeline.pairs import PairsConfig
+    from r2f_ray.pipeline.train import TrainConfig
 
-    return {"generate_pairs": PairsConfig}
+    return {"generate_pairs": PairsConfig, "train_decoders": TrainConfig, "evaluate": EvalConfig}
 
 
 def check_manifest(doc: dict, where: str) -> None:
@@ -78,6 +80,18 @@ def check_manifest(doc: dict, where: str) -> None:
 def test_every_kind_is_present():
     kinds = {yaml.safe_load(p.read_text())["kind"] for p in KUBERAY}
     assert kinds == {"RayCluster", "RayJob", "RayService"}
+    jobs = {Path(shlex.split(yaml.safe_load(p.read_text())["spec"]["entrypoint"])[1]).stem
+            for p in KUBERAY if yaml.safe_load(p.read_text())["kind"] == "RayJob"}
+    assert jobs == {"generate_pairs", "train_decoders", "evaluate"}  # one RayJob per batch stage
+
+
+def test_stage_configs_load():
+    """Every config under configs/cluster/ loads into its stage's config class (typos fail here)."""
+    from r2f_ray.config import load_config
+
+    classes = _config_classes()
+    for name, stage in {"pairs": "generate_pairs", "train": "train_decoders", "evaluate": "evaluate"}.items():
+        load_config(classes[stage], REPO / "configs" / "cluster" / f"{name}.yaml")
 
 
 @pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
