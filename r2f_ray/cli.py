@@ -93,8 +93,14 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     from r2f_ray.io import write_json
     from r2f_ray.pipeline.pairs import format_summary, run_pairs
 
-    summary = run_pairs(pairs_config_from_args(args), progress=not args.quiet)
+    from r2f_ray.storage import staged_output
+
+    config = pairs_config_from_args(args)
+    with staged_output(config.output, append=True) as local:  # an s3:// or gs:// output is published at the end
+        summary = run_pairs(config.model_copy(update={"output": str(local)}), progress=not args.quiet)
     print(format_summary(summary))
+    if str(local) != config.output:
+        print(f"published to {config.output}")
     if args.json:
         write_json(args.json, summary)
         print(f"wrote {args.json}")
@@ -176,7 +182,9 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     if args.bank:
         from r2f_ray.core.bank import DecoderBank
 
-        bank = DecoderBank.load(args.bank, loaded.model_id, loaded.weights_sha256, transfer=args.transfer)
+        from r2f_ray.storage import local_copy
+
+        bank = DecoderBank.load(local_copy(args.bank), loaded.model_id, loaded.weights_sha256, transfer=args.transfer)
     else:
         from r2f_ray.core.bank import DecoderBank
 
@@ -211,6 +219,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     overrides = {"model": args.model, "bank": args.bank, "facts": args.facts, "runs": args.runs,
                  "sequential": args.sequential, "methods": args.methods.split(",") if args.methods else None}
     config = load_config(EvalConfig, args.config, {**_parse_sets(args.set), **{k: v for k, v in overrides.items() if v is not None}})
+    if config.bank:
+        from r2f_ray.storage import local_copy
+
+        config = config.model_copy(update={"bank": str(local_copy(config.bank))})  # s3:// or gs:// banks are fetched once
     result = run_evaluation(config, progress=not args.quiet)
     paths = write_reports(result, args.out)
     print(markdown_table(result))
@@ -225,16 +237,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {"pairs": args.pairs, "output": args.output, "kind": args.kind, "epochs": args.epochs,
                  "num_workers": args.workers, "zero_stage": args.zero_stage, "loss": args.loss}
     config = load_config(TrainConfig, args.config, {**_parse_sets(args.set), **{k: v for k, v in overrides.items() if v is not None}})
-    try:
-        check_config(config, overwrite=args.overwrite)  # fail fast, before Ray starts
-    except FileExistsError as e:
-        raise UsageError(str(e)) from None
-    import ray
+    from r2f_ray.storage import local_copy, staged_output
 
-    if not ray.is_initialized():  # under `ray job submit` this joins the job's cluster (RAY_ADDRESS)
-        ray.init(address=args.address)
     try:
-        summary = run_training(config, overwrite=args.overwrite)
+        with staged_output(config.output, append=False, overwrite=args.overwrite) as local:  # URIs: published at the end
+            config = config.model_copy(update={"pairs": str(local_copy(config.pairs)), "output": str(local)})
+            check_config(config, overwrite=args.overwrite)  # fail fast, before Ray starts
+            import ray
+
+            if not ray.is_initialized():  # under `ray job submit` this joins the job's cluster (RAY_ADDRESS)
+                ray.init(address=args.address)
+            summary = run_training(config, overwrite=args.overwrite)
     except FileExistsError as e:
         raise UsageError(str(e)) from None
     print(format_summary(summary))

@@ -26,6 +26,7 @@ from r2f_ray.service.jobs import JobQueue
 from r2f_ray.service.metrics import ServiceMetrics
 from r2f_ray.service.schemas import GenerateBody, ServiceError, UnlearnBody, check_generate, check_unlearn
 from r2f_ray.service.store import Materializer, UnknownVersion, VersionStore
+from r2f_ray.storage import is_uri, local_copy, remote_exists
 
 
 
@@ -88,7 +89,7 @@ def _load_bank(config: ServiceConfig, model, model_id: str, weights_sha256: str)
     if config.bank == "naive":
         bank = DecoderBank.naive(config.lora, resolve_targets(model, list(config.lora.target_modules)), model_id, weights_sha256)
     else:
-        bank = DecoderBank.load(config.bank, model_id=model_id, weights_sha256=weights_sha256, transfer=config.bank_transfer)
+        bank = DecoderBank.load(local_copy(config.bank), model_id=model_id, weights_sha256=weights_sha256, transfer=config.bank_transfer)
     return bank.to(next(model.parameters()).device)
 
 
@@ -103,7 +104,7 @@ def preflight(config: ServiceConfig) -> None:
         raise ValueError(f"methods {unknown} are not offered by the engine (it offers {sorted(METHODS)}); fix `methods`")
     if config.model not in ("default", "tiny") and not Path(config.model).is_dir():
         raise ValueError(f"model {config.model!r} is neither 'default', 'tiny' nor a local Hugging Face folder")
-    if config.bank != "naive" and not Path(config.bank).is_dir():
+    if config.bank != "naive" and not (remote_exists(config.bank) if is_uri(config.bank) else Path(config.bank).is_dir()):
         raise ValueError(f"bank {config.bank!r} is neither 'naive' nor a decoder bank folder (train one with `r2f train`)")
 
 
