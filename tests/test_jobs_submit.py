@@ -71,22 +71,64 @@ def submit(head: dict, *entrypoint: str, timeout: int = 900) -> subprocess.Compl
     return out
 
 
-def test_pair_generation_job_through_ray_job_submit(ray_head, tmp_path):
-    pairs = tmp_path / "pairs"
+@pytest.fixture(scope="module")
+def pairs_job(ray_head, tmp_path_factory):
+    """The pair-generation job's output: 12 tiny-model examples, half held out for the decoder job."""
+    pairs = tmp_path_factory.mktemp("jobs") / "pairs"
     out = submit(ray_head, "jobs/generate_pairs.py", "--output", str(pairs), "--model", "tiny",
-                 "--set", "max_examples=6", "--set", "tokens=16", "--quiet")
+                 "--set", "max_examples=12", "--set", "tokens=16", "--set", "heldout_fraction=0.5", "--quiet")
+    return pairs, out
+
+
+def test_pair_generation_job_through_ray_job_submit(ray_head, pairs_job):
+    pairs, out = pairs_job
     assert out.returncode == 0 and "succeeded" in out.stdout + out.stderr
     from r2f_ray.pairdata import PairDataset
 
     dataset = PairDataset(pairs)
-    assert len(dataset) == 6
+    assert len(dataset) == 12
     assert json.loads((pairs / "manifest.json").read_text())["lora"]["r"] == 8
-    batch = next(dataset.iter_batches(batch_size=6))
+    batch = next(dataset.iter_batches(batch_size=12))
     first = next(iter(batch.values()))
-    assert first.full.shape[0] == 6 and first.grad_b.shape[-1] == 8
+    assert first.full.shape[0] == 12 and first.grad_b.shape[-1] == 8
 
     # A bad submission fails as a job, with the usage message in its log.
     bad = submit(ray_head, "jobs/generate_pairs.py", "--output", str(pairs), "--model", "tiny", "--set", "lora.r=4",
                  "--set", "max_examples=2", "--set", "tokens=16", "--quiet")
     assert bad.returncode != 0
     assert "lora" in (bad.stdout + bad.stderr).lower()
+
+
+def test_decoder_training_job_through_ray_job_submit(ray_head, pairs_job, tmp_path):
+    pairs, made = pairs_job
+    assert made.returncode == 0
+    bank_dir = tmp_path / "bank"
+    out = submit(ray_head, "jobs/train_decoders.py", "--pairs", str(pairs), "--output", str(bank_dir),
+                 "--workers", "2", "--zero-stage", "2", "--epochs", "2", "--set", "matrices=[q_proj,down_proj]")
+    assert out.returncode == 0 and "succeeded" in out.stdout + out.stderr
+    from r2f_ray import assets
+    from r2f_ray.core.bank import DecoderBank
+
+    tiny = assets.load_model("tiny")
+    bank = DecoderBank.load(bank_dir, tiny.model_id, tiny.weights_sha256)
+    info = json.loads((bank_dir / "manifest.json").read_text())
+    history = info["info"]["training"]["history"]
+    assert info["info"]["training"]["workers"] == 2 and 1 <= len(history) <= 2
+    roles = {m.split(".")[-1] for m in info["info"]["heldout"]["per_matrix"]}
+    assert roles == {"q_proj", "down_proj"} and len(bank.spec.target_modules) > 0
+
+
+def test_deploy_service_job_leaves_a_ready_service(ray_head, tmp_path):
+    port = _free_port()
+    tokens = tmp_path / "tokens"
+    tokens.write_text("ci secret-token-0123456789\n")
+    out = submit(ray_head, "jobs/deploy_service.py", "--set", "model=tiny", "--set", f"state_dir={tmp_path / 'state'}",
+                 "--set", f"tokens_file={tokens}", "--host", "127.0.0.1", "--port", str(port), "--ready-timeout", "300")
+    assert out.returncode == 0 and "is ready at" in out.stdout + out.stderr
+    # The job has ended; the application it deployed keeps answering.
+    import httpx
+
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json={"prompt": "Hello", "max_new_tokens": 2}, timeout=120)
+    assert r.status_code == 200 and "text" in r.json()
+    refused = httpx.post(f"http://127.0.0.1:{port}/v1/unlearn", json={"requests": [{"prompt": "a", "answer": "b"}]}, timeout=60)
+    assert refused.status_code == 401
