@@ -304,3 +304,15 @@ def test_cli_unlearn_reports_and_refuses_bad_input(tmp_path, capsys):
                  "--views", "2", "--method", "exact_multiview", "--set", "lora.r=4", "--json", str(out)]) == 0
     summary = json.loads(out.read_text())
     assert summary["method"] == "exact_multiview" and summary["step"] == 0.2 and len(summary["reports"]) == 1
+
+
+def test_peak_memory_sees_each_update_not_only_the_first():
+    """Memory freed by an earlier measurement must not hide the next one's allocations (CPU, glibc)."""
+    from r2f_ray.core.unlearn import peak_memory
+
+    for _ in range(2):
+        for shape in ((1000, 1000), (100, 1000)):  # 4 MB and 400 KB chunks, 400 MB in all
+            with peak_memory(torch.device("cpu")) as peak:
+                chunks = [torch.ones(shape) for _ in range(400_000_000 // 4 // (shape[0] * shape[1]))]
+                del chunks
+            assert 300 < peak["mb"] < 600, (shape, peak)
