@@ -6,7 +6,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(PY)/r2f probe
+	$(PY)/r2f demo
 
 test: setup
 	$(PY)/pytest -q

@@ -40,6 +40,9 @@ def test_probe_on_tiny_model_writes_json(tmp_path):
     (["probe", "--model", "tiny", "--texts", "100000", "--quiet"], "ask for fewer texts"),
     (["probe", "--model", "/no/such/folder"], "neither 'default', 'tiny'"),
     (["probe", "--corpus", "imdb"], "invalid choice"),
+    (["demo", "--set", "pair_examples=8"], "too few for 2 training workers"),
+    (["demo", "--set", "zero_stage=4"], "zero_stage"),
+    (["train", "--pairs", "/no/such/pairs", "--output", "/tmp/x"], "pairs"),
 ])
 def test_usage_errors_exit_2_with_a_clear_message(args, message):
     out = r2f(*args)
