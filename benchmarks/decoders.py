@@ -33,13 +33,16 @@ def main() -> None:
     p.add_argument("--train", action="store_true", help="also time the Ray Train + DeepSpeed stage (ZeRO-2 and ZeRO-3)")
     p.add_argument("--train-kind", default="sketch")
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per worker per step in --train")
+    p.add_argument("--matrices", help="comma-separated roles or matrix names (default: every matrix in the pairs)")
     p.add_argument("--out", default="decoders_benchmark.json")
     args = p.parse_args()
 
     kinds = args.kinds.split(",")
+    matrices = args.matrices.split(",") if args.matrices else None
     results: dict = {"machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "date": time.strftime("%Y-%m-%d"),
                      "args": vars(args)}
-    base = dict(fit_kinds=kinds, fit_steps=args.steps, fit_lr=args.lr, max_pairs=10**6)
+    base = dict(fit_kinds=kinds, fit_steps=args.steps, fit_lr=args.lr, max_pairs=10**6, matrices=matrices)
     quality = run_eval(EvalConfig(pairs=args.pairs, split="heldout", **base), progress=True)
     print(format_eval(quality))
     results["quality"] = quality
@@ -59,7 +62,8 @@ def main() -> None:
             out = tempfile.mkdtemp(prefix=f"bank-zero{stage}-")
             shutil.rmtree(out)
             config = TrainConfig(pairs=args.pairs, output=out, kind=args.train_kind, epochs=args.epochs, num_workers=2,
-                                 zero_stage=stage, batch_size=8, lr=args.lr * 10, early_stopping={"patience": args.epochs})
+                                 zero_stage=stage, batch_size=args.batch_size, lr=args.lr * 10, matrices=matrices,
+                                 early_stopping={"patience": args.epochs})
             t0 = time.time()
             summary = run_training(config)
             print(f"ZeRO-{stage}:")

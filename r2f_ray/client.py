@@ -58,7 +58,7 @@ class R2FClient:
     def job(self, job_id: str) -> dict:
         return self._call("GET", f"/v1/jobs/{job_id}")
 
-    def wait(self, job_id: str, timeout: float = 600.0, poll_s: float = 0.25) -> dict:
+    def wait(self, job_id: str, timeout: float = 600.0, poll_s: float = 1.0) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             job = self.job(job_id)

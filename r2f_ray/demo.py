@@ -28,21 +28,21 @@ class DemoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     output: str = Field("runs/demo", description="folder for every output of the demo")
-    pair_examples: int = Field(40, ge=4, description="proxy examples for the decoders (Wikipedia excerpt)")
+    pair_examples: int = Field(32, ge=4, description="proxy examples for the decoders (Wikipedia excerpt)")
     pair_tokens: int = Field(48, ge=8, description="tokens per proxy example")
     pair_actors: int = Field(2, ge=1, description="Ray Data PairGenerator actors")
     heldout_fraction: float = Field(0.25, gt=0, lt=1, description="share of proxy examples held out to score the decoders")
     # linear: the ridge-fitted lift, fine-tuned by DeepSpeed. The mlp kind costs ~64x its flops per step,
     # too slow for a 15-minute demo on two CPU cores.
     decoder_kind: str = Field("linear", description="decoder kind (see `r2f train`)")
-    train_epochs: int = Field(2, ge=1)
+    train_epochs: int = Field(1, ge=1)
     train_batch_size: int = Field(2, ge=1, description="pairs per worker step; each holds every matrix's dense gradient")
     train_workers: int = Field(2, ge=1, description="Ray Train workers (DeepSpeed data parallel)")
     zero_stage: int = Field(2, ge=0, le=3)
     forget_facts: int = Field(2, ge=1, description="facts forgotten through the service, one job each")
     # The evaluation is the slow part on CPU (each deletion runs the step search and every metric);
     # benchmarks/unlearning.py is the full-size table.
-    eval_facts: int = Field(2, ge=1, description="facts per method in the evaluation table")
+    eval_facts: int = Field(1, ge=1, description="facts per method in the evaluation table")
     eval_methods: list[str] = Field(default_factory=lambda: ["r2f", "exact_multiview", "lora_mul"])
     neighbours: int = Field(4, ge=0, description="other known facts whose retention is measured")
     mia_prompts: int = Field(8, ge=1, description="general prompts for the model-identity KL")
@@ -154,7 +154,8 @@ def _serve(config: DemoConfig, out: Path, bank: str, facts) -> dict:
         print(f"removing the previous demo's service state in {state_dir}")
         shutil.rmtree(state_dir)
     port = _free_port()
-    run(ServiceConfig(model="default", bank=bank, state_dir=state_dir, tokens_file=tokens_file), port=port)
+    run(ServiceConfig(model="default", bank=bank, state_dir=state_dir, tokens_file=tokens_file), port=port,
+        access_log=False)
     rows = []
     with R2FClient(f"http://127.0.0.1:{port}", token=token, timeout=600) as client:
         deadline = time.time() + 300

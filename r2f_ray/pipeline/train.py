@@ -103,7 +103,6 @@ def _ds_config(cfg: dict, use_bf16: bool) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg["batch_size"],
         "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": cfg["lr"], "weight_decay": cfg["weight_decay"]}},
         "zero_optimization": {"stage": cfg["zero_stage"]},
         "bf16": {"enabled": use_bf16},
         "zero_allow_untested_optimizer": True,
@@ -196,8 +195,11 @@ def train_loop(cfg: dict) -> None:
     params = [p for p in objective.parameters() if p.requires_grad]
     engine = None
     if params:
-        engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=params,
-                                               config=_ds_config(cfg, use_bf16))
+        # A client torch AdamW rather than the config's "AdamW": DeepSpeed would JIT-compile its CPU Adam
+        # (about two minutes of C++ on a fresh machine) for decoders whose optimizer step is negligible.
+        optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                                      fused=device.type == "cuda")
+        engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=optimizer, config=_ds_config(cfg, use_bf16))
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 engine.load_checkpoint(d, tag=ENGINE_TAG, load_module_strict=False)

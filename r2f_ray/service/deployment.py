@@ -47,10 +47,13 @@ def build(config: ServiceConfig):
     ).bind(config.model_dump(mode="json"))
 
 
-def run(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False):
-    """Start Serve's HTTP proxy on host:port and deploy the service there (Ray must be initialised)."""
+def run(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False,
+        access_log: bool = True):
+    """Start Serve's HTTP proxy on host:port and deploy the service there (Ray must be initialised).
+    ``access_log=False`` keeps one log line per request out of the driver's output (the demo polls jobs)."""
     serve.start(http_options={"host": host, "port": port})
-    return serve.run(build(config), name=APP_NAME, route_prefix="/", blocking=blocking)
+    return serve.run(build(config), name=APP_NAME, route_prefix="/", blocking=blocking,
+                     logging_config={"enable_access_log": access_log})
 
 
 def app_builder(args: dict):
