@@ -204,6 +204,9 @@ def format_demo(summary: dict) -> str:
     lines.append(f"{'total':<48} {summary['wall_s']:>8.1f}")
     svc = summary["service"]
     lines.append(f"forgotten through HTTP: {svc['forgotten']}/{svc['of']} facts (answer no longer in the greedy reply)")
+    if any(f["job_status"] == "failed" for f in svc["facts"]):
+        lines.append("  a failed job left the served model unchanged; 'UnlearnRejected' means no step removed the answer "
+                     "from every update view within the retain-KL budget (docs/evaluation.md, 'The step')")
     lines += [f"outputs: {summary['output']}",
               f"  report:    {summary['output']}/index.html (evaluation: {summary['evaluation']['reports']['html']})",
               f"  pairs:     {summary['pairs']['path']}", f"  bank:      {summary['bank']['output']}",

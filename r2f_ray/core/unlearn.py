@@ -259,6 +259,10 @@ class Context:
     spec: LoraSpec
     decoder: Decoder | None
     config: UnlearnConfig
+    # name -> weight Parameter: the step search sets and restores every matrix on each trial, and a
+    # named_modules() walk per lookup cost more than the updates themselves. PEFT wrapping keeps the
+    # base Parameter objects, so the cache stays valid.
+    _weights: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -278,7 +282,9 @@ class Context:
         return capture_gradients(self.model, ids, mask, labels, [m.name for m in self.matrices]), owner
 
     def weight(self, name: str) -> Tensor:
-        return find_module(self.model, name).weight
+        if name not in self._weights:
+            self._weights[name] = find_module(self.model, name).weight
+        return self._weights[name]
 
 
 def _per_request_dense(cap: Capture, owner: list[int], n_requests: int, names: list[str]) -> list[dict[str, Tensor]]:
