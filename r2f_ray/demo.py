@@ -219,7 +219,8 @@ def _html(summary: dict) -> str:
     stage_rows = "".join(f"<tr><td>{esc(r['stage'])}</td><td>{r['wall_s']:.1f}</td></tr>" for r in summary["stages"])
     fact_rows = "".join(
         f"<tr><td>{esc(f['prompt'])}</td><td>{esc(f['answer'])}</td><td>{esc(f['before'])}</td><td>{esc(f['after'])}</td>"
-        f"<td>{'yes' if f['forgotten'] else 'no'}</td></tr>" for f in summary["service"]["facts"])
+        f"<td>{'yes' if f['forgotten'] else 'no'}</td><td>{esc(f['job_status'])} {esc(f['version'] or '')}</td>"
+        f"<td>{esc((f['error'] or '')[:200])}</td></tr>" for f in summary["service"]["facts"])
     report = Path(summary["evaluation"]["reports"]["html"]).relative_to(summary["output"])
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>r2f demo</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px 8px}}
@@ -227,6 +228,7 @@ table{{border-collapse:collapse;margin:1em 0}}</style></head><body>
 <h1>r2f demo</h1><p>{esc(summary['what'])}. Total wall time {summary['wall_s']:.0f} s.</p>
 <h2>Stages</h2><table><tr><th>stage</th><th>wall s</th></tr>{stage_rows}</table>
 <h2>Forgotten through the service (HTTP, method r2f, auto step)</h2>
-<table><tr><th>prompt</th><th>answer</th><th>before</th><th>after</th><th>forgotten</th></tr>{fact_rows}</table>
+<table><tr><th>prompt</th><th>answer</th><th>before</th><th>after</th><th>forgotten</th><th>job, version</th><th>why not applied</th></tr>
+{fact_rows}</table>
 <h2>Evaluation</h2><p><a href="{esc(str(report))}">Evaluation report with plots</a></p>
-<pre>{esc(json.dumps(summary['service']['models'], indent=1)[:4000])}</pre></body></html>"""
+<h2>Model versions kept by the service</h2><pre>{esc(json.dumps(summary['service']['models'], indent=1)[:4000])}</pre></body></html>"""
