@@ -17,7 +17,6 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from r2f_ray.core.unlearn import UnlearnRejected
 from r2f_ray.io import write_json
 from r2f_ray.service.schemas import ServiceError
 
@@ -139,8 +138,8 @@ class JobQueue:
             try:
                 result = self._execute(dict(job))
             except Exception as e:  # the job fails; the service goes on with the next one
-                if isinstance(e, UnlearnRejected):  # an expected outcome (no safe step), not a fault
-                    log.warning("unlearn job %s rejected: %s", job_id, str(e)[:300])
+                if isinstance(e, ValueError):  # the engine refused the request (bad input, no safe step): not a fault
+                    log.warning("unlearn job %s refused: %s", job_id, str(e)[:300])
                 else:
                     log.exception("unlearn job %s failed", job_id)
                 self._finish(job, "failed", error=f"{type(e).__name__}: {e}")
