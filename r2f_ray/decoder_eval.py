@@ -50,7 +50,7 @@ def _select(dataset: PairDataset, wanted: list[str] | None) -> list[str]:
 def _batches(dataset: PairDataset, names: list[str], split: str | None, limit: int, batch_size: int) -> list[dict]:
     out, count = [], 0
     for batch in dataset.iter_batches(names, batch_size=batch_size, split=split):
-        out.append({n: (p.grad_a, p.grad_b, p.full) for n, p in batch.items()})
+        out.append({n: p.as_tuple() for n, p in batch.items()})
         count += len(next(iter(batch.values())).pair_ids)
         if count >= limit:
             break
@@ -100,7 +100,7 @@ def run_eval(config: EvalConfig, progress: bool = True) -> dict:
                 for n, c in cos.items():
                     columns[kind].setdefault(n, []).extend(c.tolist())
             if bank is not None:
-                pred = bank.decoders({n: v[:2] for n, v in batch.items()})
+                pred = bank.decoders({n: (ga, gb, None, acts) for n, (ga, gb, _, acts) in batch.items()})
                 for n, g in pred.items():
                     columns["bank"].setdefault(n, []).extend(pair_cosine(g[None], batch[n][2][None].float())[0].tolist())
     per_matrix = {col: {n: sum(v) / len(v) for n, v in vals.items()} for col, vals in columns.items()}

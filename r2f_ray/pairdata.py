@@ -77,6 +77,7 @@ import torch
 from torch import Tensor
 
 from r2f_ray.core.capture import Capture
+from r2f_ray.core.decoders import activation_stats
 from r2f_ray.core.lora import LoraSpec, init_factors
 from r2f_ray.core.targets import MatrixInfo
 from r2f_ray.io import write_json
@@ -534,6 +535,11 @@ class PairTensors:
     adapter_a: Tensor | None = None
     adapter_b: Tensor | None = None
     pair_ids: list[str] = field(default_factory=list)
+    acts: tuple[Tensor, Tensor] | None = None  # activation_stats of the inputs (factor storage only)
+
+    def as_tuple(self) -> tuple:
+        """``(grad_a, grad_b, full, acts)``, the per-matrix batch entry ``DecoderSet.stack`` reads."""
+        return self.grad_a, self.grad_b, self.full, self.acts
 
 
 @functools.lru_cache(maxsize=4096)
@@ -589,7 +595,8 @@ def pairs_from_batch(batch: Any, manifest: dict, matrices: Sequence[str] | None 
         if not keep:
             empty = torch.zeros(0, device=device)
             out[m["name"]] = PairTensors(empty.reshape(0, r, m["d_in"]), empty.reshape(0, m["d_out"], r),
-                                         empty.reshape(0, m["d_out"], m["d_in"]), pair_ids=[])
+                                         empty.reshape(0, m["d_out"], m["d_in"]), pair_ids=[],
+                                         acts=(empty.reshape(0, r, r), empty.reshape(0, r, m["d_in"])) if m["grad_column"] else None)
             continue
         if m["grad_column"]:
             x = tensor(m["input_column"], lambda n, m=m: (n, m["d_in"]))
@@ -597,15 +604,17 @@ def pairs_from_batch(batch: Any, manifest: dict, matrices: Sequence[str] | None 
             full = d.transpose(1, 2) @ x
             grad_b = s * d.transpose(1, 2) @ (x @ a0.T)
             grad_a = s * (d @ b0).transpose(1, 2) @ x
+            acts = activation_stats(x, a0)
         else:
             full = tensor(m["dense_column"], lambda n, m=m: (m["d_out"], m["d_in"]))
             grad_b = s * full @ a0.T
             grad_a = s * b0.T @ full
+            acts = None
         adapter_a = adapter_b = None
         if m["adapter_columns"]:
             adapter_a = tensor(m["adapter_columns"][0], lambda n, m=m: (r, m["d_in"]))
             adapter_b = tensor(m["adapter_columns"][1], lambda n, m=m: (m["d_out"], r))
-        out[m["name"]] = PairTensors(grad_a, grad_b, full, adapter_a, adapter_b, [pair_ids[i] for i in keep])
+        out[m["name"]] = PairTensors(grad_a, grad_b, full, adapter_a, adapter_b, [pair_ids[i] for i in keep], acts)
     return out
 
 

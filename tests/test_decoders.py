@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r2f_ray.core.decoders import DECODERS, LOSSES, DecoderSet, RidgeStats, fit_local, pair_cosine
+from r2f_ray.core.decoders import DECODERS, LOSSES, DecoderSet, RidgeStats, activation_stats, fit_local, pair_cosine
 from r2f_ray.core.lora import LoraSpec, init_factors, lora_grads_from_dense, naive_lift
 from r2f_ray.core.targets import MatrixInfo
 
@@ -24,7 +24,7 @@ def synthetic(spec, infos, n, fixed_rows: bool, seed=0, tokens=3):
     for j, info in enumerate(infos):
         basis = torch.randn(spec.r, info.d_in, generator=torch.Generator().manual_seed(100 + j))
         a0, b0 = init_factors(spec, info)
-        ga, gb, full = [], [], []
+        ga, gb, full, acts = [], [], [], []
         for _ in range(n):
             d = torch.randn(tokens, info.d_out, generator=gen) * torch.exp(torch.randn(1, generator=gen) * 2)
             if fixed_rows:
@@ -33,14 +33,15 @@ def synthetic(spec, infos, n, fixed_rows: bool, seed=0, tokens=3):
                 x = torch.randn(tokens, info.d_in, generator=gen)
             g = d.T @ x
             grad_a, grad_b = lora_grads_from_dense(g, a0, b0, spec.scaling)
-            ga.append(grad_a), gb.append(grad_b), full.append(g)
-        batch[info.name] = (torch.stack(ga), torch.stack(gb), torch.stack(full))
+            ga.append(grad_a), gb.append(grad_b), full.append(g), acts.append(activation_stats(x, a0))
+        batch[info.name] = (torch.stack(ga), torch.stack(gb), torch.stack(full),
+                            (torch.stack([a[0] for a in acts]), torch.stack([a[1] for a in acts])))
     return batch
 
 
 def mean_cos(decoders, batch):
     with torch.no_grad():
-        pred = decoders({n: v[:2] for n, v in batch.items()})
+        pred = decoders({n: (v[0], v[1], None, v[3]) for n, v in batch.items()})
     return min(float(pair_cosine(pred[n][None], batch[n][2][None].float()).mean()) for n in batch)
 
 
@@ -94,6 +95,53 @@ def test_two_sided_kinds_recover_gradients_with_varying_row_spaces(kind, floor):
     assert mean_cos(decoders, held_out) > mean_cos(linear, held_out) + 0.15
 
 
+def test_activation_stats_are_the_input_covariance_seen_through_a0():
+    x = torch.randn(2, 5, D_IN, dtype=torch.float64)
+    a0 = torch.randn(R, D_IN, dtype=torch.float64)
+    gram, cross = activation_stats(x, a0)
+    for i in range(2):
+        c = x[i].T @ x[i] / x[i].pow(2).sum()
+        torch.testing.assert_close(gram[i].double(), a0 @ c @ a0.T, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(cross[i].double(), a0 @ c, rtol=1e-5, atol=1e-7)
+
+
+def test_activation_kind_recovers_gradients_whose_row_space_changes_per_example():
+    # Standard init: grad_A is zero, so no one-sided lift can follow a row space that moves from example
+    # to example; the request's own activations say where the rows of G = D^T X lie.
+    spec = LoraSpec(r=R)
+    infos = matrices()
+    train = [synthetic(spec, infos, 16, fixed_rows=False, seed=s, tokens=2) for s in range(4)]
+    held_out = synthetic(spec, infos, 16, fixed_rows=False, seed=99, tokens=2)
+    linear = DecoderSet(infos, spec, "linear")
+    fit_local(linear, train, steps=0)
+    decoders = DecoderSet(infos, spec, "activation")
+    fit_local(decoders, train, steps=0)
+    # Calibration picks the smallest weight on the (useless here) proxy prior for every matrix.
+    mix = torch.sigmoid(next(iter(decoders.groups.values())).mix_logit)
+    torch.testing.assert_close(mix, torch.full_like(mix, 0.01))
+    assert mean_cos(decoders, held_out) > 0.99 > mean_cos(linear, held_out) + 0.3
+    with pytest.raises(ValueError, match="activation statistics"):
+        decoders({n: v[:2] for n, v in held_out.items()})
+
+
+def test_activation_kind_at_full_mix_is_the_ridge_lift():
+    spec = LoraSpec(r=R)
+    infos = matrices()
+    train = [synthetic(spec, infos, 16, fixed_rows=True, seed=s) for s in range(4)]
+    linear, activation = DecoderSet(infos, spec, "linear"), DecoderSet(infos, spec, "activation", {"activation": {"ridge": 1e-9}})
+    fit_local(linear, train, steps=0, ridge=1e-9)
+    fit_local(activation, train, steps=0)
+    group = next(iter(activation.groups.values()))
+    with torch.no_grad():
+        group.mix_logit.fill_(30.0)  # sigmoid = 1: the proxy prior alone
+    held_out = synthetic(spec, infos, 4, fixed_rows=True, seed=7)
+    with torch.no_grad():
+        a = activation({n: (v[0], v[1], None, v[3]) for n, v in held_out.items()})
+        b = linear({n: v[:2] for n, v in held_out.items()})
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-3, atol=1e-5 * float(b[n].detach().abs().max()))
+
+
 @pytest.mark.parametrize("kind", sorted(DECODERS))
 def test_batched_equals_one_at_a_time(kind):
     spec = LoraSpec(r=R, init="zero_offset")
@@ -135,10 +183,12 @@ def test_ridge_stats_add_up_and_solve_least_squares():
     spec = LoraSpec(r=R)
     infos = matrices(k=1)
     batch = synthetic(spec, infos, 8, fixed_rows=True)
-    _, gb, full = batch[infos[0].name]
+    _, gb, full, _ = batch[infos[0].name]
     whole = RidgeStats.from_batch(gb[None], full[None])
     parts = RidgeStats.from_batch(gb[None, :3], full[None, :3]) + RidgeStats.from_batch(gb[None, 3:], full[None, 3:])
-    torch.testing.assert_close(whole.gram, parts.gram)
+    for a, b in zip(whole.tensors(), parts.tensors()):
+        torch.testing.assert_close(a, b)
+    assert whole.count.tolist() == [8.0]
     w = 1 / full.pow(2).sum(dim=(1, 2)).sqrt()
     x = (gb * w[:, None, None]).reshape(-1, R).double()
     y = (full * w[:, None, None]).reshape(-1, D_IN).double()

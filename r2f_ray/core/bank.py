@@ -76,8 +76,10 @@ class DecoderBank:
         """Transfer to a model of other shapes (e.g. another family): each target matrix takes the kind
         (and shape-free settings) of the proxy matrix of the same role at the nearest relative depth
         (layer / last layer). ``sketch`` decoders carry over (their learned ridge; the shape-bound lift
-        restarts at zero); ``naive`` stays naive; the shape-bound kinds (linear, mlp, two_sided) become
-        linear lifts calibrated on the target's input covariances (``covariances``, forward passes only).
+        restarts at zero); ``activation`` decoders keep their calibrated mix, with the proxy prior replaced
+        by the target's input covariance; ``naive`` stays naive; the shape-bound kinds (linear, mlp,
+        two_sided) become linear lifts calibrated on the target's input covariances (``covariances``,
+        forward passes only).
         The target spec must equal the bank's in r, alpha, seed and init (its target modules differ)."""
         mine = self.spec.model_dump(exclude={"target_modules"})
         theirs = spec.model_dump(exclude={"target_modules"})
@@ -95,8 +97,8 @@ class DecoderBank:
             source = min(same_role, key=lambda p: abs(depth(p, self.matrices) - depth(m, matrices)))
             mapping[m.name] = source.name
             kind = self.kinds[source.role]
-            kinds[m.role] = kind if kind in ("naive", "sketch") else "linear"
-        needs_cov = [m.name for m in matrices if kinds[m.role] == "linear"]
+            kinds[m.role] = kind if kind in ("naive", "sketch", "activation") else "linear"
+        needs_cov = [m.name for m in matrices if kinds[m.role] in ("linear", "activation")]
         missing = [n for n in needs_cov if covariances is None or n not in covariances]
         if missing:
             raise ValueError(f"mapping {len(missing)} matrices (e.g. {missing[0]!r}) to linear lifts needs their input "
@@ -109,25 +111,42 @@ class DecoderBank:
                     for i, name in enumerate(group.names):
                         src_key, j = self.decoders.where[mapping[name]]
                         group.log_ridge[i].copy_(self.decoders.groups[src_key].log_ridge[j])
+                if group.kind == "activation":
+                    for i, name in enumerate(group.names):
+                        src_key, j = self.decoders.where[mapping[name]]
+                        group.mix_logit[i].copy_(self.decoders.groups[src_key].mix_logit[j])
         _init_from_covariance(decoders, {n: covariances[n] for n in needs_cov} if needs_cov else {}, ridge)
         info = {"trained": False, "transfer": {"mode": "by_role_depth", "from_model": self.model_id,
                                                "from_weights_sha256": self.weights_sha256, "mapping": mapping}}
         return DecoderBank(decoders, model_id, weights_sha256, info)
 
+    @property
+    def needs_acts(self) -> bool:
+        """True when some decoder reads the request's input activation statistics (``decode(..., acts=)``)."""
+        return self.decoders.needs_acts
+
     @torch.no_grad()
-    def decode(self, lora_grads: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
-        """{name: (grad_A [r, d_in], grad_B [d_out, r])} -> {name: G_hat [d_out, d_in]} (fp32), batched per group."""
+    def decode(self, lora_grads: dict[str, tuple[Tensor, Tensor]],
+               acts: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, Tensor]:
+        """{name: (grad_A [r, d_in], grad_B [d_out, r])} -> {name: G_hat [d_out, d_in]} (fp32), batched per group.
+
+        ``acts`` {name: ``activation_stats`` of the matrix's inputs over the request's tokens}: needed by
+        the ``activation`` kind (see ``needs_acts``), ignored by the others."""
         device = self.device
         batch = {}
         for name, (grad_a, grad_b) in lora_grads.items():
-            batch[name] = (grad_a.to(device, torch.float32).unsqueeze(0), grad_b.to(device, torch.float32).unsqueeze(0))
+            stats = None
+            if acts is not None and name in acts:
+                stats = tuple(t.to(device, torch.float32).unsqueeze(0) for t in acts[name])
+            batch[name] = (grad_a.to(device, torch.float32).unsqueeze(0), grad_b.to(device, torch.float32).unsqueeze(0),
+                           None, stats)
         self._check_shapes(batch)
         return {name: g.squeeze(0) for name, g in self.decoders(batch).items()}
 
     def _check_shapes(self, batch: dict[str, tuple[Tensor, Tensor]]) -> None:
         by_name = {m.name: m for m in self.matrices}
         r = self.spec.r
-        for name, (grad_a, grad_b) in batch.items():
+        for name, (grad_a, grad_b, *_) in batch.items():
             m = by_name.get(name)
             if m is None:
                 raise ValueError(f"the bank has no decoder for {name!r}; it covers {len(by_name)} matrices "
@@ -203,8 +222,12 @@ class DecoderBank:
 
 def _init_from_covariance(decoders: DecoderSet, covariances: dict[str, Tensor], ridge: float) -> None:
     for group in decoders.groups.values():
-        if group.kind == "linear":
+        if group.kind in ("linear", "activation"):
             missing = [n for n in group.names if n not in covariances]
             if missing:
                 raise ValueError(f"no input covariance for {missing[:3]}")
-            group.init_covariance(torch.stack([covariances[n] for n in group.names]), ridge)
+            cov = torch.stack([covariances[n] for n in group.names])
+            if group.kind == "linear":
+                group.init_covariance(cov, ridge)
+            else:
+                group.init_covariance(cov)

@@ -14,6 +14,10 @@ Kinds (``DECODERS``; adding one is a class plus an entry):
   that vary by orders of magnitude do not matter.
 - ``two_sided``: ``grad_B @ R + L @ grad_A`` (needs the zero-offset init, where grad_A = s B0^T G
   carries the row space of G); rank up to 2r.
+- ``activation``: the posterior mean of G given grad_B under a Gaussian prior on the rows of G whose
+  covariance mixes the proxy's E[G^T G] (the prior behind the ridge lift) with the request's own input
+  activations X^T X (rows of G = D^T X lie in the row space of X). The activation statistics come from
+  forward passes only; the mixing weight is calibrated per matrix on proxy pairs. Needs ``acts``.
 - ``sketch``: the two-sided randomized sketch reconstruction. With Y = grad_B = s G A0^T (range
   sketch) and W = grad_A = s B0^T G (co-range sketch), Q = orth(Y) and G ~= Q (s B0^T Q)^+ W, exact
   when rank(G) <= r; a learned ridge keeps the small solve stable and a learned lift ``grad_B @ R``
@@ -25,7 +29,7 @@ All math is plain torch: no Ray here.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +53,15 @@ class RidgeStats:
     loss) however large its gradient is. Statistics add up, so they can be summed across workers.
     """
 
-    def __init__(self, gram: Tensor, cross: Tensor):
+    def __init__(self, gram: Tensor, cross: Tensor, count: Tensor):
         self.gram = gram  # [K, r, r]   sum_n w_n grad_B^T grad_B
         self.cross = cross  # [K, r, d_in] sum_n w_n grad_B^T G
+        self.count = count  # [K] examples summed
+
+    @classmethod
+    def zeros(cls, k: int, r: int, d_in: int, device=None) -> "RidgeStats":
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(z(k, r, r), z(k, r, d_in), z(k))
 
     @classmethod
     def from_batch(cls, grad_b: Tensor, full: Tensor) -> "RidgeStats":
@@ -59,10 +69,14 @@ class RidgeStats:
         w = 1.0 / full.pow(2).sum(dim=(-2, -1)).clamp_min(_EPS)  # [K, N]
         gram = torch.einsum("kn,knor,knos->krs", w, grad_b, grad_b)
         cross = torch.einsum("kn,knor,knoi->kri", w, grad_b, full)
-        return cls(gram, cross)
+        return cls(gram, cross, torch.full(w.shape[:1], float(w.shape[1]), dtype=torch.float64, device=w.device))
 
     def __add__(self, other: "RidgeStats") -> "RidgeStats":
-        return RidgeStats(self.gram + other.gram, self.cross + other.cross)
+        return RidgeStats(self.gram + other.gram, self.cross + other.cross, self.count + other.count)
+
+    def tensors(self) -> list[Tensor]:
+        """The three statistics, e.g. to all-reduce them in place across workers."""
+        return [self.gram, self.cross, self.count]
 
     def solve(self, ridge: float) -> Tensor:
         """R [K, r, d_in]; ``ridge`` is relative to the mean eigenvalue of the Gram matrix."""
@@ -72,16 +86,33 @@ class RidgeStats:
         return torch.linalg.solve(self.gram + ridge * scale[:, None, None] * eye, self.cross).float()
 
 
+def activation_stats(x: Tensor, a0: Tensor) -> tuple[Tensor, Tensor]:
+    """Forward-only statistics of a matrix's inputs for the ``activation`` decoder.
+
+    ``x`` [..., T, d_in] are the inputs over the tokens that carry gradient (zero rows add nothing),
+    ``a0`` [r, d_in] the recorded LoRA init. With C = X^T X / tr(X^T X), returns
+    ``(A0 C A0^T [..., r, r], A0 C [..., r, d_in])`` in fp32: C itself (d_in x d_in) is never formed.
+    """
+    x = x.double()
+    z = x @ a0.double().transpose(-1, -2)  # [..., T, r]
+    total = x.pow(2).sum(dim=(-2, -1)).clamp_min(_EPS)[..., None, None]
+    zt = z.transpose(-1, -2)
+    return (zt @ z / total).float(), (zt @ x / total).float()
+
+
 class DecoderGroup(nn.Module):
     """K stacked decoders of one kind for matrices of one role and shape.
 
-    ``forward(grad_a, grad_b, index=None)`` decodes; ``index`` [K'] picks a subset of the K members
-    (in that order) so a caller can decode only the matrices it has.
+    ``forward(grad_a, grad_b, index=None, acts=None)`` decodes; ``index`` [K'] picks a subset of the K
+    members (in that order) so a caller can decode only the matrices it has; ``acts`` are the
+    ``activation_stats`` of each (matrix, example), stacked, for kinds that read them.
     """
 
     kind: str = ""
     needs_grad_a = False  # True: only meaningful for the zero-offset init (grad_A is zero otherwise)
+    needs_acts = False  # True: decodes with the input activation statistics of the request
     fits_ridge = False  # True: ``init_ridge`` gives it a closed-form start
+    calibration_grid: tuple[float, ...] = ()  # non-empty: ``calibrate`` picks one value per matrix
 
     def __init__(self, infos: list[MatrixInfo], spec: LoraSpec, **options):
         super().__init__()
@@ -109,14 +140,22 @@ class DecoderGroup(nn.Module):
     def init_ridge(self, stats: RidgeStats, ridge: float) -> None:
         raise NotImplementedError(f"decoder kind {self.kind!r} has no closed-form init")
 
-    def forward(self, grad_a: Tensor | None, grad_b: Tensor, index: Tensor | None = None) -> Tensor:
+    def calibration_scores(self, grad_a: Tensor, grad_b: Tensor, full: Tensor, acts) -> Tensor:
+        """Sum over the batch of the cosine to G for each grid value, [K, len(calibration_grid)]."""
+        raise NotImplementedError(f"decoder kind {self.kind!r} has nothing to calibrate")
+
+    def set_calibration(self, choice: Tensor) -> None:
+        """``choice`` [K]: index into ``calibration_grid`` per matrix."""
+        raise NotImplementedError(f"decoder kind {self.kind!r} has nothing to calibrate")
+
+    def forward(self, grad_a: Tensor | None, grad_b: Tensor, index: Tensor | None = None, acts=None) -> Tensor:
         raise NotImplementedError
 
 
 class NaiveGroup(DecoderGroup):
     kind = "naive"
 
-    def forward(self, grad_a, grad_b, index=None):
+    def forward(self, grad_a, grad_b, index=None, acts=None):
         return grad_b.float() @ self._pick(self.a0, index).unsqueeze(1)
 
 
@@ -149,7 +188,7 @@ class LinearGroup(DecoderGroup):
         with torch.no_grad():
             self.lift.copy_(lift.to(self.lift))
 
-    def forward(self, grad_a, grad_b, index=None):
+    def forward(self, grad_a, grad_b, index=None, acts=None):
         return grad_b.float() @ self._pick(self.lift, index).unsqueeze(1)
 
 
@@ -164,7 +203,7 @@ class MLPGroup(LinearGroup):
         # Zero output layer: training starts exactly at the (ridge-fitted) linear lift.
         self.w2 = nn.Parameter(torch.zeros(k, hidden, self.d_in))
 
-    def forward(self, grad_a, grad_b, index=None):
+    def forward(self, grad_a, grad_b, index=None, acts=None):
         grad_b = grad_b.float()
         k, n, o, r = grad_b.shape
         linear = grad_b @ self._pick(self.lift, index).unsqueeze(1)
@@ -186,7 +225,7 @@ class TwoSidedGroup(LinearGroup):
         super().__init__(infos, spec, **options)
         self.left = nn.Parameter(torch.zeros(len(infos), self.d_out, self.r))
 
-    def forward(self, grad_a, grad_b, index=None):
+    def forward(self, grad_a, grad_b, index=None, acts=None):
         return super().forward(grad_a, grad_b, index) + self._pick(self.left, index).unsqueeze(1) @ grad_a.float()
 
 
@@ -205,7 +244,7 @@ class SketchGroup(DecoderGroup):
         self.log_ridge = nn.Parameter(torch.full((k, 1, 1, 1), math.log(ridge)))
         self.lift = nn.Parameter(torch.zeros(k, self.r, self.d_in))
 
-    def forward(self, grad_a, grad_b, index=None):
+    def forward(self, grad_a, grad_b, index=None, acts=None):
         grad_a, grad_b = grad_a.float(), grad_b.float()
         # Orthonormal basis of the dominant range of the range sketch, [K, N, d_out, keep].
         q = torch.linalg.svd(grad_b, full_matrices=False).U[..., : self.keep]
@@ -219,8 +258,76 @@ class SketchGroup(DecoderGroup):
         return q @ coeff + grad_b @ self._pick(self.lift, index).unsqueeze(1)
 
 
+class ActivationGroup(DecoderGroup):
+    kind = "activation"
+    needs_acts = True
+    fits_ridge = True
+    calibration_grid = (0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
+
+    def __init__(self, infos, spec, ridge: float = 1e-5, mix: float = 0.5):
+        super().__init__(infos, spec)
+        if not 0 < mix < 1:
+            raise ValueError(f"activation mix must be in (0, 1), got {mix}")
+        k = len(infos)
+        self.ridge = ridge
+        # The proxy prior M = mean_n G_n^T G_n / ||G_n||^2 (trace 1), seen through A0: A0 M A0^T and A0 M.
+        # Fixed by the closed form (init_ridge), so they are buffers: saved with the bank, not trained.
+        self.register_buffer("prior_gram", torch.zeros(k, self.r, self.r))
+        self.register_buffer("prior_cross", torch.zeros(k, self.r, self.d_in))
+        self.mix_logit = nn.Parameter(torch.full((k,), math.log(mix / (1 - mix))))
+
+    def init_covariance(self, cov: Tensor) -> None:
+        """Forward-only prior for a model without pairs: M taken proportional to the input covariance
+        C [K, d_in, d_in] (the assumption of ``LinearGroup.init_covariance``), trace-normalised."""
+        a0 = self.a0.double()
+        m = cov.double().to(a0.device)
+        m = m / m.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(_EPS)[:, None, None]
+        with torch.no_grad():
+            self.prior_gram.copy_((a0 @ m @ a0.transpose(-1, -2)).to(self.prior_gram))
+            self.prior_cross.copy_((a0 @ m).to(self.prior_cross))
+
+    def init_ridge(self, stats, ridge):
+        n = stats.count.clamp_min(1)[:, None, None]
+        with torch.no_grad():
+            self.prior_gram.copy_((stats.gram / (n * self.scaling**2)).to(self.prior_gram))
+            self.prior_cross.copy_((stats.cross / (n * self.scaling)).to(self.prior_cross))
+
+    def _decode(self, grad_b: Tensor, acts, mix: Tensor, index: Tensor | None) -> Tensor:
+        """grad_b [K, N, d_out, r]; mix [K], the weight of the proxy prior -> G_hat [K, N, d_out, d_in]."""
+        if acts is None:
+            raise ValueError("decoder kind 'activation' needs the input activation statistics of each request "
+                             "(activation_stats of the matrix inputs, from a forward pass); pairs stored as dense "
+                             "gradients have none: generate factor pairs, or use another kind")
+        act_gram, act_cross = (t.double() for t in acts)  # [K, N, r, r], [K, N, r, d_in]
+        beta = mix.double()[:, None, None, None]
+        gram = beta * self._pick(self.prior_gram, index).double().unsqueeze(1) + (1 - beta) * act_gram
+        cross = beta * self._pick(self.prior_cross, index).double().unsqueeze(1) + (1 - beta) * act_cross
+        # Posterior mean of a row g of G given its observation s g A0^T (a row of grad_B) under g ~ N(0, S):
+        # g = row (A0 S A0^T)^-1 A0 S / s.
+        scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(_EPS)
+        eye = torch.eye(self.r, dtype=gram.dtype, device=gram.device)
+        lift = torch.linalg.solve(gram + self.ridge * scale * eye, cross).float() / self.scaling
+        return grad_b.float() @ lift
+
+    def forward(self, grad_a, grad_b, index=None, acts=None):
+        return self._decode(grad_b, acts, torch.sigmoid(self._pick(self.mix_logit, index)), index)
+
+    @torch.no_grad()
+    def calibration_scores(self, grad_a, grad_b, full, acts):
+        scores = []
+        for value in self.calibration_grid:
+            mix = torch.full((len(self),), value, device=grad_b.device)
+            scores.append(pair_cosine(self._decode(grad_b, acts, mix, None), full.float()).sum(-1))
+        return torch.stack(scores, dim=-1)
+
+    def set_calibration(self, choice):
+        value = torch.tensor(self.calibration_grid, dtype=torch.float64)[choice.cpu()]
+        with torch.no_grad():
+            self.mix_logit.copy_(torch.log(value / (1 - value)).to(self.mix_logit))
+
+
 DECODERS: dict[str, type[DecoderGroup]] = {
-    cls.kind: cls for cls in (NaiveGroup, LinearGroup, MLPGroup, TwoSidedGroup, SketchGroup)
+    cls.kind: cls for cls in (NaiveGroup, LinearGroup, MLPGroup, TwoSidedGroup, SketchGroup, ActivationGroup)
 }
 
 
@@ -249,6 +356,16 @@ def combined_loss(pred: Tensor, full: Tensor) -> Tensor:
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "cosine": cosine_loss, "mse": mse_loss, "combined": combined_loss,
 }
+
+
+class Stacked(NamedTuple):
+    """One group's slice of a batch: K member names and their tensors stacked on a leading K axis."""
+
+    names: list[str]
+    grad_a: Tensor
+    grad_b: Tensor
+    full: Tensor | None  # G [K, N, d_out, d_in] when the batch has it (training, evaluation)
+    acts: tuple[Tensor, Tensor] | None  # activation_stats [K, N, r, r], [K, N, r, d_in] when given
 
 
 class DecoderSet(nn.Module):
@@ -283,9 +400,14 @@ class DecoderSet(nn.Module):
         # name -> (group key, position in the group)
         self.where = {name: (key, i) for key, g in self.groups.items() for i, name in enumerate(g.names)}
 
-    def stack(self, batch: dict[str, tuple], names: list[str] | None = None) -> dict[str, tuple[list[str], Tensor | None, Tensor, Tensor | None]]:
-        """Group a per-matrix batch {name: (grad_a [N,r,d_in], grad_b [N,d_out,r][, full])} into stacked
-        tensors per group: {key: (names, grad_a [K,N,...], grad_b [K,N,...], full or None)}."""
+    @property
+    def needs_acts(self) -> bool:
+        return any(g.needs_acts for g in self.groups.values())
+
+    def stack(self, batch: dict[str, tuple], names: list[str] | None = None) -> dict[str, Stacked]:
+        """Group a per-matrix batch {name: (grad_a [N,r,d_in], grad_b [N,d_out,r][, full[, acts]])} into
+        stacked tensors per group (``Stacked``); ``full`` and ``acts`` (a pair, see ``activation_stats``)
+        may be missing or None."""
         unknown = [n for n in batch if n not in self.where]
         if unknown:
             raise ValueError(f"no decoder for matrices {unknown[:3]} (the bank covers {len(self.where)} matrices, "
@@ -299,33 +421,36 @@ class DecoderSet(nn.Module):
             grad_a = torch.stack([it[0] for it in items])
             grad_b = torch.stack([it[1] for it in items])
             full = torch.stack([it[2] for it in items]) if len(items[0]) > 2 and items[0][2] is not None else None
-            out[key] = (present, grad_a, grad_b, full)
+            acts = None
+            if len(items[0]) > 3 and items[0][3] is not None:
+                acts = (torch.stack([it[3][0] for it in items]), torch.stack([it[3][1] for it in items]))
+            out[key] = Stacked(present, grad_a, grad_b, full, acts)
         return out
 
-    def decode_group(self, key: str, names: list[str], grad_a: Tensor, grad_b: Tensor) -> Tensor:
+    def decode_group(self, key: str, part: Stacked) -> Tensor:
         group = self.groups[key]
-        index = None if names == group.names else torch.tensor([self.where[n][1] for n in names], device=grad_b.device)
-        return group(grad_a, grad_b, index)
+        index = None if part.names == group.names else torch.tensor([self.where[n][1] for n in part.names],
+                                                                     device=part.grad_b.device)
+        return group(part.grad_a, part.grad_b, index, part.acts)
 
     def forward(self, batch: dict[str, tuple]) -> dict[str, Tensor]:
-        """{name: (grad_a [N,r,d_in], grad_b [N,d_out,r], ...)} -> {name: G_hat [N,d_out,d_in]} (fp32)."""
+        """{name: (grad_a [N,r,d_in], grad_b [N,d_out,r][, full, acts])} -> {name: G_hat [N,d_out,d_in]} (fp32)."""
         out = {}
-        for key, (names, grad_a, grad_b, _) in self.stack(batch).items():
-            pred = self.decode_group(key, names, grad_a, grad_b)
-            out.update(zip(names, pred.unbind(0)))
+        for key, part in self.stack(batch).items():
+            out.update(zip(part.names, self.decode_group(key, part).unbind(0)))
         return out
 
     def losses(self, stacked: dict, loss: str = "cosine") -> tuple[Tensor, dict[str, Tensor]]:
         """Mean training loss over every (matrix, example) and the per-matrix cosines [N] (detached)."""
         fn = LOSSES[loss]
         total, count, cosines = 0.0, 0, {}
-        for key, (names, grad_a, grad_b, full) in stacked.items():
-            pred = self.decode_group(key, names, grad_a, grad_b)
-            per = fn(pred, full.float())
+        for key, part in stacked.items():
+            pred = self.decode_group(key, part)
+            per = fn(pred, part.full.float())
             total = total + per.sum()
             count += per.numel()
-            cos = pair_cosine(pred.detach(), full.float())
-            cosines.update(zip(names, cos.unbind(0)))
+            cos = pair_cosine(pred.detach(), part.full.float())
+            cosines.update(zip(part.names, cos.unbind(0)))
         return total / max(count, 1), cosines
 
     def init_ridge(self, stats: dict[str, RidgeStats], ridge: float) -> None:
@@ -337,12 +462,28 @@ class DecoderSet(nn.Module):
     def ridge_stats(self, stacked: dict) -> dict[str, RidgeStats]:
         """Ridge statistics of a stacked batch, per group that fits one (all members must be present)."""
         out = {}
-        for key, (names, _, grad_b, full) in stacked.items():
+        for key, part in stacked.items():
             if self.groups[key].fits_ridge:
-                if names != self.groups[key].names:
+                if part.names != self.groups[key].names:
                     raise ValueError(f"ridge statistics need every matrix of group {key}")
-                out[key] = RidgeStats.from_batch(grad_b, full)
+                out[key] = RidgeStats.from_batch(part.grad_b, part.full)
         return out
+
+    def calibration_scores(self, stacked: dict) -> dict[str, Tensor]:
+        """Per group that calibrates: summed cosines per (matrix, grid value) [K, M] of a stacked batch;
+        they add up over batches and workers, and ``calibrate`` picks the best value per matrix."""
+        out = {}
+        for key, part in stacked.items():
+            group = self.groups[key]
+            if group.calibration_grid:
+                if part.names != group.names:
+                    raise ValueError(f"calibration needs every matrix of group {key}")
+                out[key] = group.calibration_scores(part.grad_a, part.grad_b, part.full, part.acts).double()
+        return out
+
+    def calibrate(self, scores: dict[str, Tensor]) -> None:
+        for key, group_scores in scores.items():
+            self.groups[key].set_calibration(group_scores.argmax(dim=-1))
 
 
 def fit_local(decoders: DecoderSet, batches: list[dict], steps: int, lr: float = 1e-3, loss: str = "cosine",
@@ -356,6 +497,11 @@ def fit_local(decoders: DecoderSet, batches: list[dict], steps: int, lr: float =
             for key, st in decoders.ridge_stats(s).items():
                 stats[key] = stats[key] + st if key in stats else st
         decoders.init_ridge(stats, ridge)
+        scores: dict[str, Tensor] = {}
+        for s in stacked:
+            for key, sc in decoders.calibration_scores(s).items():
+                scores[key] = scores[key] + sc if key in scores else sc
+        decoders.calibrate(scores)
     params = [p for p in decoders.parameters() if p.requires_grad]
     history = []
     if not params:
@@ -375,7 +521,7 @@ def baseline_cosines(decoders: DecoderSet, stacked: dict) -> dict[str, tuple[Ten
     """Per matrix, per example: cosine of the naive lift ``grad_B @ A0`` to G, and the rank-r ceiling
     ``||G_r|| / ||G||`` (truncated SVD, Eckart-Young) that no rank-r decoder can beat. {name: ([N], [N])}."""
     out = {}
-    for key, (names, _, grad_b, full) in stacked.items():
+    for key, (names, _, grad_b, full, _) in stacked.items():
         group = decoders.groups[key]
         index = torch.tensor([decoders.where[n][1] for n in names], device=grad_b.device)
         full = full.float()

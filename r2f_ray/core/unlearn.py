@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from r2f_ray.core.capture import IGNORE_INDEX, Capture, capture_gradients, example_nll
+from r2f_ray.core.decoders import activation_stats
 from r2f_ray.core.lora import LoraSpec, init_factors, lora_grads_from_factors
 from r2f_ray.core.paraphrase import PARAPHRASERS, contains_answer, make_views
 from r2f_ray.core.targets import MatrixInfo, find_module, resolve_targets
@@ -91,7 +92,8 @@ class UnlearnConfig(BaseModel):
 
 
 class Decoder(Protocol):
-    """A decoder bank: maps per-matrix LoRA gradients to full-gradient estimates."""
+    """A decoder bank: maps per-matrix LoRA gradients to full-gradient estimates. A bank whose
+    ``needs_acts`` is true also takes ``acts=`` (``activation_stats`` of each matrix's inputs)."""
 
     spec: LoraSpec
 
@@ -320,6 +322,18 @@ def _per_request_lora(cap: Capture, owner: list[int], n_requests: int, matrices:
     return out
 
 
+def _per_request_acts(cap: Capture, owner: list[int], n_requests: int, matrices: list[MatrixInfo], spec: LoraSpec,
+                      device) -> list[dict[str, tuple[Tensor, Tensor]]]:
+    """Forward-only statistics of each matrix's inputs over each request's views (``activation_stats``)."""
+    out = [{} for _ in range(n_requests)]
+    for info in matrices:
+        a0 = init_factors(spec, info)[0].to(device)
+        for i in range(n_requests):
+            x = torch.cat([cap.factors(info.name, b)[0] for b, o in enumerate(owner) if o == i])
+            out[i][info.name] = activation_stats(x.float(), a0)
+    return out
+
+
 def _global_norm(tensors) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
 
@@ -364,9 +378,12 @@ class R2F(Method):
     def propose(self, ctx: Context) -> Proposal:
         cap, owner = ctx.capture()
         lora = _per_request_lora(cap, owner, len(ctx.requests), ctx.matrices, ctx.spec, ctx.device)
+        acts = [None] * len(lora)
+        if getattr(ctx.decoder, "needs_acts", False):
+            acts = _per_request_acts(cap, owner, len(ctx.requests), ctx.matrices, ctx.spec, ctx.device)
         decoded = []
-        for grads in lora:
-            g_hat = ctx.decoder.decode(grads)
+        for grads, stats in zip(lora, acts):
+            g_hat = ctx.decoder.decode(grads, acts=stats) if stats is not None else ctx.decoder.decode(grads)
             decoded.append({m.name: g_hat[m.name].float().to(ctx.device) for m in ctx.matrices})
         prop = _linear_proposal(decoded, "decoded_norm")
         for norms, grads in zip(prop.grad_norms, lora):

@@ -167,7 +167,7 @@ def train_loop(cfg: dict) -> None:
     def batches(shard):
         for b in shard.iter_batches(batch_size=cfg["batch_size"], batch_format="pyarrow"):
             pairs = pairs_from_batch(b, dataset.manifest, names, device)
-            yield decoders.stack({n: (p.grad_a, p.grad_b, p.full) for n, p in pairs.items()})
+            yield decoders.stack({n: p.as_tuple() for n, p in pairs.items()})
 
     if checkpoint is None:
         # Closed-form start: ridge statistics add up over examples, so sum them across workers.
@@ -177,10 +177,22 @@ def train_loop(cfg: dict) -> None:
                 stats[key] = stats[key] + st if key in stats else st
         for key in sorted(k for k, g in decoders.groups.items() if g.fits_ridge):
             group = decoders.groups[key]
-            st = stats.get(key) or RidgeStats(torch.zeros(len(group), group.r, group.r, dtype=torch.float64),
-                                              torch.zeros(len(group), group.r, group.d_in, dtype=torch.float64))
-            stats[key] = RidgeStats(_all_reduce(st.gram.to(device)).cpu(), _all_reduce(st.cross.to(device)).cpu())
+            st = stats.get(key) or RidgeStats.zeros(len(group), group.r, group.d_in)
+            stats[key] = RidgeStats(*(_all_reduce(t.to(device)).cpu() for t in st.tensors()))
         decoders.init_ridge(stats, cfg["ridge"])
+        # Then the kinds with a calibrated setting (a grid per matrix) score each value on a second pass.
+        calibrated = sorted(k for k, g in decoders.groups.items() if g.calibration_grid)
+        if calibrated:
+            scores: dict[str, torch.Tensor] = {}
+            for stacked in batches(train_shard):
+                for key, sc in decoders.calibration_scores(stacked).items():
+                    scores[key] = scores[key] + sc if key in scores else sc
+            for key in calibrated:
+                group = decoders.groups[key]
+                sc = scores.get(key)
+                sc = sc if sc is not None else torch.zeros(len(group), len(group.calibration_grid), dtype=torch.float64)
+                scores[key] = _all_reduce(sc.to(device)).cpu()
+            decoders.calibrate(scores)
     else:
         with checkpoint.as_directory() as d:
             saved = json.loads((Path(d) / STATE).read_text())
