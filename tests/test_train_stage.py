@@ -90,8 +90,10 @@ def _read_state(checkpoint: Path) -> dict | None:
 @pytest.mark.slow
 def test_two_worker_deepspeed_run_survives_a_killed_worker_and_resumes(ray_session, pairs_zero_offset, tmp_path):
     output = tmp_path / "bank"
+    # sketch for most roles, the activation kind for v_proj: its calibration pass is summed over workers.
     config = TrainConfig(pairs=str(pairs_zero_offset), output=str(output), epochs=3, batch_size=4, lr=1e-2,
-                         num_workers=2, zero_stage=2, max_failures=1, early_stopping={"patience": 10})
+                         num_workers=2, zero_stage=2, max_failures=1, early_stopping={"patience": 10},
+                         kinds={"v_proj": "activation"})
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(summary=run_training(config)))
     thread.start()
@@ -118,6 +120,11 @@ def test_two_worker_deepspeed_run_survives_a_killed_worker_and_resumes(ray_sessi
     assert final["resumed_at"] and final["resumed_at"][0] >= 1  # restarted from a checkpoint, not from scratch
 
     bank = DecoderBank.load(output, model_id="tiny-llama", spec=LoraSpec(r=4, init="zero_offset"))
+    assert bank.kinds["v_proj"] == "activation" and bank.kinds["q_proj"] == "sketch"
+    v_group = next(g for g in bank.decoders.groups.values() if g.kind == "activation")
+    assert float(v_group.prior_gram.abs().sum()) > 0  # the closed-form prior was fitted and saved
+    mix = torch.sigmoid(v_group.mix_logit.detach())
+    assert ((mix > 0.005) & (mix < 0.995)).all()
     per_matrix, baselines = info["heldout"]["per_matrix"], info["heldout"]["baselines"]
     assert set(per_matrix) == {m.name for m in bank.matrices}
     mean = lambda key: sum(baselines[n][key] for n in per_matrix) / len(per_matrix)  # noqa: E731

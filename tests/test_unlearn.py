@@ -137,6 +137,32 @@ def test_r2f_with_the_naive_bank_equals_lora_mul(fresh, taught):
     assert cosine(a, b) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_r2f_feeds_an_activation_bank_the_request_inputs(fresh, taught):
+    # The activation kind reads forward statistics of the request's own views: its update lies closer to
+    # the exact multi-view gradient than the naive lift's (and it could not decode at all without them).
+    from r2f_ray.core.decoders import DecoderSet, input_covariance
+
+    model, tok = fresh
+    matrices = resolve_targets(model, list(SPEC.target_modules))
+    names = [m.name for m in matrices]
+    ids = tok(["The weather today is mild and the market opens at nine."], return_tensors="pt").input_ids
+    decoders = DecoderSet(matrices, SPEC, "activation")
+    for group in decoders.groups.values():
+        cov = input_covariance(model, group.names, ids)
+        group.init_covariance(torch.stack([cov[n] for n in group.names]))
+    bank = DecoderBank(decoders, "tiny", weights_hash(model))
+    assert bank.needs_acts
+    copies = [copy.deepcopy(taught[0]) for _ in range(2)]
+    act = unlearn(model, tok, FACTS[:1], decoder=bank, views=3, step=0.4)
+    naive = unlearn(copies[0], tok, FACTS[:1], decoder=naive_bank(copies[0]), views=3, step=0.4)
+    exact = unlearn(copies[1], tok, FACTS[:1], views=3, step=0.4, method="exact_multiview")
+
+    def flat(res):
+        return torch.cat([res.deltas[n].flatten() for n in names])
+
+    assert cosine(flat(act), flat(exact)) > cosine(flat(naive), flat(exact)) + 0.1
+
+
 def test_fused_exact_equals_exact_multiview_without_keeping_gradients(fresh, taught):
     model, tok = fresh
     other = copy.deepcopy(taught[0])

@@ -322,17 +322,29 @@ def run_pairs(config: PairsConfig, progress: bool = True) -> dict:
     return summary
 
 
+def _check_cpus(config: PairsConfig, num_gpus: float, cluster_cpus: float) -> None:
+    """CPU actors that reserve every CPU leave none for Ray Data's read and write tasks: the job would
+    wait forever, so refuse it up front."""
+    reserved = config.actors * config.cpus_per_actor
+    if not num_gpus and reserved >= cluster_cpus:
+        fit = max(0.25, (cluster_cpus - 0.5) / config.actors)
+        raise PairDataError(f"{config.actors} actor(s) x cpus_per_actor={config.cpus_per_actor:g} reserve all "
+                            f"{cluster_cpus:g} CPUs of the Ray cluster, leaving none for Ray Data's read and write "
+                            f"tasks (the job would hang): use fewer actors or --set cpus_per_actor={fit:g}")
+
+
 def _generate(config: PairsConfig, out: Path, manifest: dict) -> dict:
     import ray
 
+    num_gpus = config.gpus_per_actor
+    if num_gpus is None:
+        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    _check_cpus(config, num_gpus, ray.cluster_resources().get("CPU", 0.0))
     texts = read_source(config).map_batches(tokenize_batch, batch_size=64, fn_kwargs={
         "model": config.model, "tokens": config.tokens, "packing": config.packing}).take_all()
     items = build_items(config, texts)
     done = set(PairDataset(out).pair_ids()) if manifest["shards"] else set()
     todo = [it for it in items if it["pair_id"] not in done]
-    num_gpus = config.gpus_per_actor
-    if num_gpus is None:
-        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     n_rows = config.examples_per_pair * (config.tokens - 1) * max(1, config.num_steps)
     rows_per_file = max_rows_per_file(manifest, n_rows, config.rows_per_file)
 

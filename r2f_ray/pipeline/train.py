@@ -322,7 +322,10 @@ def check_config(config: TrainConfig, overwrite: bool = False):
         if kind not in DECODERS:
             raise ValueError(f"unknown decoder kind {kind!r} for {role}: choose one of {sorted(DECODERS)}")
     one_per_role = list({m.role: m for m in matrices}.values())
-    DecoderSet(one_per_role, dataset.spec, kinds, config.options)  # kinds vs the LoRA init, options
+    probe = DecoderSet(one_per_role, dataset.spec, kinds, config.options)  # kinds vs the LoRA init, options
+    if probe.needs_acts and dataset.manifest["storage"] == "dense":
+        raise ValueError("the activation decoder kind reads the inputs X of each pair, which dense pairs do not store: "
+                         "generate pairs with --storage factors (or both), or choose another kind")
     return dataset, matrices, kinds
 
 
