@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--pairs", help="pair dataset folder (from `r2f pairs`)")
     p.add_argument("--output", help="decoder bank folder to write")
-    p.add_argument("--kind", help="decoder kind for every role: naive, linear, mlp, two_sided, sketch, auto (default)")
+    p.add_argument("--kind", help="decoder kind for every role: naive, linear, mlp, two_sided, sketch, activation, "
+                                  "auto (default)")
     p.add_argument("--epochs", type=int, help="maximum epochs (default 10; early stopping may end sooner)")
     p.add_argument("--workers", type=int, help="Ray Train workers (default 2)")
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage (default 2)")

@@ -140,7 +140,7 @@ def test_clear_errors(generated, ray_session, tmp_path, capsys):
     with pytest.raises(ValueError, match="minimum of tokens=16 tokens"):
         run_pairs(config.model_copy(update={"output": str(tmp_path / "s"), "source": str(tmp_path / "short.txt")}), progress=False)
     with pytest.raises(PairDataError, match="reserve all 2 CPUs"):  # would hang: nothing left to read or write
-        run_pairs(config.model_copy(update={"output": str(tmp_path / "c"), "actors": 2}), progress=False)
+        run_pairs(config.model_copy(update={"output": str(tmp_path / "c"), "actors": 2, "cpus_per_actor": 1.0}), progress=False)
     with pytest.raises(ValueError, match="neither a packaged corpus"):
         run_pairs(config.model_copy(update={"output": str(tmp_path / "n"), "source": str(tmp_path / "missing")}))
     assert cli_main(["pairs", "--model", "tiny", "--output", str(tmp_path / "file"), "--quiet"]) == 2

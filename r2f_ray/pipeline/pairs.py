@@ -85,7 +85,8 @@ class PairsConfig(BaseModel):
     lora: LoraSpec = LoraSpec()
     heldout_fraction: float = Field(0.1, ge=0, le=1, description="share of split keys held out (recorded in the manifest)")
     actors: int = Field(1, ge=1, description="PairGenerator actors (one per GPU on a cluster)")
-    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per actor (also its torch threads)")
+    cpus_per_actor: float | None = Field(None, gt=0, description="CPUs reserved per actor (its torch threads: at least "
+                                         "1); None: 1, or less where that would leave Ray Data under one CPU")
     gpus_per_actor: float | None = Field(None, ge=0, description="GPUs per actor; None: 1 when the cluster has GPUs")
     batch_size: int = Field(4, ge=1, description="items per actor call (one batched backward)")
     rows_per_file: int = Field(64, ge=1, description="rows per Parquet file (capped further by bytes per column)")
@@ -230,7 +231,7 @@ class PairGenerator:
         self.config = PairsConfig.model_validate(config)
         self.manifest = manifest
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch.set_num_threads(max(1, int(self.config.cpus_per_actor)))
+        torch.set_num_threads(max(1, round(self.config.cpus_per_actor)))
         loaded, self.probe = _load_probe(self.config, self.device)
         if loaded.weights_sha256 != manifest["proxy"]["weights_sha256"]:
             raise RuntimeError(f"the actor loaded other weights for {self.config.model!r} than the dataset's proxy "
@@ -322,15 +323,18 @@ def run_pairs(config: PairsConfig, progress: bool = True) -> dict:
     return summary
 
 
-def _check_cpus(config: PairsConfig, num_gpus: float, cluster_cpus: float) -> None:
-    """CPU actors that reserve every CPU leave none for Ray Data's read and write tasks: the job would
-    wait forever, so refuse it up front."""
-    reserved = config.actors * config.cpus_per_actor
-    if not num_gpus and reserved >= cluster_cpus:
-        fit = max(0.25, (cluster_cpus - 0.5) / config.actors)
+def _cpus_per_actor(config: PairsConfig, num_gpus: float, cluster_cpus: float) -> float:
+    """CPU actors that reserve every CPU leave none for Ray Data's read and write tasks: once the object
+    store fills, the job waits forever. The default leaves one CPU (at least a quarter per actor); an
+    explicit value that leaves none is refused."""
+    if config.cpus_per_actor is None:
+        return 1.0 if num_gpus else min(1.0, max(0.25, (cluster_cpus - 1) / config.actors))
+    if not num_gpus and config.actors * config.cpus_per_actor >= cluster_cpus:
+        fit = max(0.25, (cluster_cpus - 1) / config.actors)
         raise PairDataError(f"{config.actors} actor(s) x cpus_per_actor={config.cpus_per_actor:g} reserve all "
                             f"{cluster_cpus:g} CPUs of the Ray cluster, leaving none for Ray Data's read and write "
                             f"tasks (the job would hang): use fewer actors or --set cpus_per_actor={fit:g}")
+    return config.cpus_per_actor
 
 
 def _generate(config: PairsConfig, out: Path, manifest: dict) -> dict:
@@ -339,7 +343,8 @@ def _generate(config: PairsConfig, out: Path, manifest: dict) -> dict:
     num_gpus = config.gpus_per_actor
     if num_gpus is None:
         num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    _check_cpus(config, num_gpus, ray.cluster_resources().get("CPU", 0.0))
+    config = config.model_copy(update={"cpus_per_actor": _cpus_per_actor(config, num_gpus,
+                                                                          ray.cluster_resources().get("CPU", 0.0))})
     texts = read_source(config).map_batches(tokenize_batch, batch_size=64, fn_kwargs={
         "model": config.model, "tokens": config.tokens, "packing": config.packing}).take_all()
     items = build_items(config, texts)
@@ -368,6 +373,7 @@ def _generate(config: PairsConfig, out: Path, manifest: dict) -> dict:
         "matrices": len(manifest["matrices"]), "texts_read": len(texts), "items_available": len(items),
         "items_skipped_already_committed": len(items) - len(todo),
         "items_written": len(todo), "pairs_written": pairs, "actors": config.actors, "gpus_per_actor": num_gpus,
+        "cpus_per_actor": config.cpus_per_actor,
         "rows_per_file": rows_per_file, "generate_s": round(gen_s, 2),
         "pairs_per_s": round(pairs / gen_s, 2) if gen_s else None,
         "dataset": dict(manifest["counts"]),
