@@ -27,7 +27,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pairs", required=True, help="pair dataset (fit on its train split, evaluate on its held-out split)")
     p.add_argument("--test-pairs", help="a dataset from another corpus, evaluated with decoders fitted on --pairs")
-    p.add_argument("--kinds", default="linear,mlp,two_sided,sketch")
+    p.add_argument("--kinds", default="linear,activation,mlp", help="kinds to fit (two_sided, sketch: zero-offset pairs only)")
     p.add_argument("--steps", type=int, default=200, help="Adam steps after the closed-form start")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--train", action="store_true", help="also time the Ray Train + DeepSpeed stage (ZeRO-2 and ZeRO-3)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -216,3 +218,19 @@ def test_covariance_start_is_exact_when_inputs_span_r_dims():
     decoders = DecoderSet(infos, spec, "linear")
     decoders.groups["down_proj-12x20"].init_covariance(torch.stack(covs), ridge=1e-9)
     assert mean_cos(decoders, held_out) > 0.999
+
+
+def test_activation_calibration_scores_equal_the_decoded_cosines():
+    spec = LoraSpec(r=R)
+    infos = matrices()
+    batch = synthetic(spec, infos, 5, fixed_rows=False, seed=3)
+    decoders = DecoderSet(infos, spec, "activation")
+    fit_local(decoders, [batch], steps=0)
+    key, part = next(iter(decoders.stack(batch).items()))
+    group = decoders.groups[key]
+    scores = group.calibration_scores(part.grad_a, part.grad_b, part.full, part.acts)
+    for j, value in enumerate(group.calibration_grid):
+        with torch.no_grad():
+            group.mix_logit.fill_(math.log(value / (1 - value)))
+            pred = group(part.grad_a, part.grad_b, None, part.acts)
+        torch.testing.assert_close(scores[:, j].float(), pair_cosine(pred, part.full).sum(-1), rtol=1e-4, atol=1e-5)

@@ -292,8 +292,8 @@ class ActivationGroup(DecoderGroup):
             self.prior_gram.copy_((stats.gram / (n * self.scaling**2)).to(self.prior_gram))
             self.prior_cross.copy_((stats.cross / (n * self.scaling)).to(self.prior_cross))
 
-    def _decode(self, grad_b: Tensor, acts, mix: Tensor, index: Tensor | None) -> Tensor:
-        """grad_b [K, N, d_out, r]; mix [K], the weight of the proxy prior -> G_hat [K, N, d_out, d_in]."""
+    def _lift(self, acts, mix: Tensor, index: Tensor | None) -> Tensor:
+        """mix [K], the weight of the proxy prior -> the per-example lift L [K, N, r, d_in], G_hat = grad_B L."""
         if acts is None:
             raise ValueError("decoder kind 'activation' needs the input activation statistics of each request "
                              "(activation_stats of the matrix inputs, from a forward pass); pairs stored as dense "
@@ -306,18 +306,25 @@ class ActivationGroup(DecoderGroup):
         # g = row (A0 S A0^T)^-1 A0 S / s.
         scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(_EPS)
         eye = torch.eye(self.r, dtype=gram.dtype, device=gram.device)
-        lift = torch.linalg.solve(gram + self.ridge * scale * eye, cross).float() / self.scaling
-        return grad_b.float() @ lift
+        return torch.linalg.solve(gram + self.ridge * scale * eye, cross).float() / self.scaling
 
     def forward(self, grad_a, grad_b, index=None, acts=None):
-        return self._decode(grad_b, acts, torch.sigmoid(self._pick(self.mix_logit, index)), index)
+        return grad_b.float() @ self._lift(acts, torch.sigmoid(self._pick(self.mix_logit, index)), index)
 
     @torch.no_grad()
     def calibration_scores(self, grad_a, grad_b, full, acts):
+        # cos(grad_B L, G) from r-sized statistics, so no grid value materialises a decoded gradient:
+        # <grad_B L, G> = <L, grad_B^T G> and ||grad_B L||^2 = <L, (grad_B^T grad_B) L>.
+        grad_b, full = grad_b.double(), full.double()
+        bt = grad_b.transpose(-1, -2)
+        cross, gram = bt @ full, bt @ grad_b  # [K, N, r, d_in], [K, N, r, r]
+        full_norm = full.pow(2).sum(dim=(-2, -1)).sqrt()
         scores = []
         for value in self.calibration_grid:
-            mix = torch.full((len(self),), value, device=grad_b.device)
-            scores.append(pair_cosine(self._decode(grad_b, acts, mix, None), full.float()).sum(-1))
+            lift = self._lift(acts, torch.full((len(self),), value, device=grad_b.device), None).double()
+            dot = (lift * cross).sum(dim=(-2, -1))
+            norm = (lift * (gram @ lift)).sum(dim=(-2, -1)).clamp_min(0).sqrt()
+            scores.append((dot / (norm * full_norm).clamp_min(_EPS)).sum(-1))
         return torch.stack(scores, dim=-1)
 
     def set_calibration(self, choice):
