@@ -65,10 +65,13 @@ class RidgeStats:
 
     @classmethod
     def from_batch(cls, grad_b: Tensor, full: Tensor) -> "RidgeStats":
-        grad_b, full = grad_b.double(), full.double()
-        w = 1.0 / full.pow(2).sum(dim=(-2, -1)).clamp_min(_EPS)  # [K, N]
-        gram = torch.einsum("kn,knor,knos->krs", w, grad_b, grad_b)
-        cross = torch.einsum("kn,knor,knoi->kri", w, grad_b, full)
+        # The products run in fp32 (a batch's dense G in fp64 would double its memory); the r-sized
+        # results are summed in fp64.
+        grad_b, full = grad_b.float(), full.float()
+        w = 1.0 / torch.linalg.vector_norm(full, dim=(-2, -1)).double().pow(2).clamp_min(_EPS)  # [K, N]
+        scaled = grad_b * w.float().sqrt()[..., None, None]
+        gram = torch.einsum("knor,knos->krs", scaled, scaled).double()
+        cross = torch.einsum("knor,knoi->kri", scaled * w.float().sqrt()[..., None, None], full).double()
         return cls(gram, cross, torch.full(w.shape[:1], float(w.shape[1]), dtype=torch.float64, device=w.device))
 
     def __add__(self, other: "RidgeStats") -> "RidgeStats":
@@ -315,10 +318,10 @@ class ActivationGroup(DecoderGroup):
     def calibration_scores(self, grad_a, grad_b, full, acts):
         # cos(grad_B L, G) from r-sized statistics, so no grid value materialises a decoded gradient:
         # <grad_B L, G> = <L, grad_B^T G> and ||grad_B L||^2 = <L, (grad_B^T grad_B) L>.
-        grad_b, full = grad_b.double(), full.double()
-        bt = grad_b.transpose(-1, -2)
-        cross, gram = bt @ full, bt @ grad_b  # [K, N, r, d_in], [K, N, r, r]
-        full_norm = full.pow(2).sum(dim=(-2, -1)).sqrt()
+        bt = grad_b.float().transpose(-1, -2)
+        cross = (bt @ full.float()).double()  # [K, N, r, d_in]; fp32 product: no fp64 copy of G
+        gram = (bt @ grad_b.float()).double()  # [K, N, r, r]
+        full_norm = torch.linalg.vector_norm(full.float(), dim=(-2, -1)).double()
         scores = []
         for value in self.calibration_grid:
             lift = self._lift(acts, torch.full((len(self),), value, device=grad_b.device), None).double()

@@ -167,7 +167,11 @@ def train_loop(cfg: dict) -> None:
     def batches(shard):
         for b in shard.iter_batches(batch_size=cfg["batch_size"], batch_format="pyarrow"):
             pairs = pairs_from_batch(b, dataset.manifest, names, device)
-            yield decoders.stack({n: p.as_tuple() for n, p in pairs.items()})
+            stacked = decoders.stack({n: p.as_tuple() for n, p in pairs.items()})
+            # Drop the per-matrix tensors before yielding: the generator frame would otherwise keep a
+            # second copy of every dense G alive while the caller works on the stacked one.
+            del pairs, b
+            yield stacked
 
     if checkpoint is None:
         # Closed-form start: ridge statistics add up over examples, so sum them across workers.
