@@ -32,9 +32,10 @@ class DemoConfig(BaseModel):
     pair_tokens: int = Field(48, ge=8, description="tokens per proxy example")
     pair_actors: int = Field(2, ge=1, description="Ray Data PairGenerator actors")
     heldout_fraction: float = Field(0.25, gt=0, lt=1, description="share of proxy examples held out to score the decoders")
-    # linear: the ridge-fitted lift, fine-tuned by DeepSpeed. The mlp kind costs ~64x its flops per step,
-    # too slow for a 15-minute demo on two CPU cores.
-    decoder_kind: str = Field("linear", description="decoder kind (see `r2f train`)")
+    # activation: the proxy prior of the ridge lift mixed with each request's own input activations
+    # (docs/BENCHMARKS.md, Decoders); one extra closed-form pass over the pairs. The mlp kind costs ~64x
+    # the flops per step, too slow for a 15-minute demo on two CPU cores.
+    decoder_kind: str = Field("activation", description="decoder kind (see `r2f train`)")
     train_epochs: int = Field(1, ge=1)
     train_batch_size: int = Field(2, ge=1, description="pairs per worker step; each holds every matrix's dense gradient")
     train_workers: int = Field(2, ge=1, description="Ray Train workers (DeepSpeed data parallel)")
