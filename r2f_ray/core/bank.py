@@ -101,8 +101,9 @@ class DecoderBank:
         needs_cov = [m.name for m in matrices if kinds[m.role] in ("linear", "activation")]
         missing = [n for n in needs_cov if covariances is None or n not in covariances]
         if missing:
-            raise ValueError(f"mapping {len(missing)} matrices (e.g. {missing[0]!r}) to linear lifts needs their input "
-                             "covariances from forward passes on the target: pass covariances=input_covariance(...)")
+            raise ValueError(f"mapping {len(missing)} matrices (e.g. {missing[0]!r}) to linear or activation decoders "
+                             "needs their input covariances from forward passes on the target: pass "
+                             "covariances=input_covariance(...)")
         options = {k: v for k, v in self.decoders.options.items() if k in set(kinds.values())}
         decoders = DecoderSet(matrices, spec, kinds, options)
         with torch.no_grad():
@@ -226,8 +227,4 @@ def _init_from_covariance(decoders: DecoderSet, covariances: dict[str, Tensor], 
             missing = [n for n in group.names if n not in covariances]
             if missing:
                 raise ValueError(f"no input covariance for {missing[:3]}")
-            cov = torch.stack([covariances[n] for n in group.names])
-            if group.kind == "linear":
-                group.init_covariance(cov, ridge)
-            else:
-                group.init_covariance(cov)
+            group.init_covariance(torch.stack([covariances[n] for n in group.names]), ridge)

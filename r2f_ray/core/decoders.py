@@ -279,9 +279,10 @@ class ActivationGroup(DecoderGroup):
         self.register_buffer("prior_cross", torch.zeros(k, self.r, self.d_in))
         self.mix_logit = nn.Parameter(torch.full((k,), math.log(mix / (1 - mix))))
 
-    def init_covariance(self, cov: Tensor) -> None:
+    def init_covariance(self, cov: Tensor, ridge: float | None = None) -> None:
         """Forward-only prior for a model without pairs: M taken proportional to the input covariance
-        C [K, d_in, d_in] (the assumption of ``LinearGroup.init_covariance``), trace-normalised."""
+        C [K, d_in, d_in] (the assumption of ``LinearGroup.init_covariance``), trace-normalised. The
+        decode-time ridge is the group's own option, so ``ridge`` (the linear kind's) is not used."""
         a0 = self.a0.double()
         m = cov.double().to(a0.device)
         m = m / m.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(_EPS)[:, None, None]
