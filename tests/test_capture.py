@@ -116,3 +116,17 @@ def test_smollm2_matrices_equal_autograd(smollm2):
     ref = _autograd_weight_grads(model, enc["input_ids"], enc["attention_mask"], labels, [m.name for m in cap.matrices])
     for m in cap.matrices:
         torch.testing.assert_close(cap.dense(m.name), ref[m.name], rtol=1e-4, atol=1e-6)
+
+
+def test_another_family_equals_autograd():
+    """Gemma 3 (q/k norms, head_dim > hidden / heads, sliding attention): capture is exact there too."""
+    from r2f_ray.assets import tiny_gemma
+
+    model, _ = tiny_gemma()
+    ids, mask, labels = _padded_batch(model.config.vocab_size, [12, 7])
+    cap = capture_gradients(model, ids, mask, labels)
+    shapes = {m.role: (m.d_out, m.d_in) for m in cap.matrices}
+    assert len(cap.matrices) == 3 * 7 and shapes["q_proj"] == (64, 48) and shapes["o_proj"] == (48, 64)
+    ref = _autograd_weight_grads(model, ids, mask, labels, [m.name for m in cap.matrices])
+    for m in cap.matrices:
+        torch.testing.assert_close(cap.dense(m.name), ref[m.name], rtol=1e-5, atol=1e-7)

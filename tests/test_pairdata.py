@@ -117,6 +117,22 @@ def test_shared_inputs_are_stored_once(tmp_path):
                       "matrices": [{"name": "model.layers.1.mlp.down_proj", "layer": 1, "role": "down_proj"}]}
 
 
+def test_input_covariance_is_the_mean_outer_product_of_stored_inputs(tmp_path):
+    ds, ids, cap, _ = _dataset(tmp_path, LoraSpec(r=2), n=4)
+    names = ["model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]
+    for split in (None, "train"):
+        keep = [b for b in range(4) if split is None or split_of(f"text{b}", ds.manifest["split"]["heldout_fraction"]) == split]
+        cov = ds.input_covariance(names, split)
+        for n in names:
+            xs = [cap.factors(n, b)[0].double() for b in keep]
+            want = sum(x.T @ x for x in xs) / sum(x.shape[0] for x in xs)
+            assert cov[n].dtype == torch.float64
+            torch.testing.assert_close(cov[n], want)
+    dense, *_ = _dataset(tmp_path / "dense", LoraSpec(r=2), storage="dense", n=1)
+    with pytest.raises(PairDataError, match="factor storage"):
+        dense.input_covariance(names)
+
+
 def test_unshared_dense_and_bf16_storage_agree_with_factors(tmp_path):
     spec = LoraSpec(r=4, init="zero_offset")
     ref, *_ = _dataset(tmp_path / "ref", spec)

@@ -20,16 +20,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from r2f_ray.core.decoders import DecoderSet
+from r2f_ray.core.decoders import DecoderSet, input_covariance
 from r2f_ray.core.lora import LoraSpec
-from r2f_ray.core.targets import MatrixInfo
+from r2f_ray.core.targets import MatrixInfo, resolve_targets
 from r2f_ray.io import atomic_dir
 
 FORMAT = "r2f-decoder-bank/1"
 MANIFEST = "manifest.json"
 WEIGHTS = "decoders.safetensors"
 # same_shapes: the target has the proxy's architecture (e.g. a fine-tune of it); decoders are reused as-is.
-TRANSFER_MODES = ("same_shapes",)
+# by_role_depth: any target; decoders are mapped by matrix role and relative depth and calibrated on the
+# target's input covariances (forward passes only, see ``DecoderBank.map_by_role_depth``).
+TRANSFER_MODES = ("same_shapes", "by_role_depth")
 
 
 class DecoderBank:
@@ -178,12 +180,16 @@ class DecoderBank:
 
     @classmethod
     def load(cls, path: str | Path, model_id: str | None = None, weights_sha256: str | None = None,
-             spec: LoraSpec | None = None, transfer: str | None = None, device: str = "cpu") -> "DecoderBank":
+             spec: LoraSpec | None = None, transfer: str | None = None, device: str = "cpu",
+             target: tuple[list[MatrixInfo], dict[str, Tensor]] | None = None) -> "DecoderBank":
         """Load a bank; refuses (ValueError naming both sides) a model or LoRA spec it was not trained for.
 
         ``model_id``/``weights_sha256``: the model the decoders will be used on; a mismatch is accepted
-        only with ``transfer="same_shapes"`` (a target of the proxy's architecture, e.g. its fine-tune).
-        ``spec``: the LoRA spec the caller's gradients come from; it must equal the bank's.
+        only with a transfer mode: ``same_shapes`` (a target of the proxy's architecture, e.g. its
+        fine-tune) or ``by_role_depth`` (any target: ``target`` gives its adapted matrices and their input
+        covariances; ``load_for_model`` computes both from the model).
+        ``spec``: the LoRA spec the caller's gradients come from; it must equal the bank's (for
+        ``by_role_depth``, up to the target module names).
         """
         path = Path(path)
         if transfer is not None and transfer not in TRANSFER_MODES:
@@ -194,7 +200,7 @@ class DecoderBank:
         if manifest.get("format") != FORMAT:
             raise ValueError(f"{path}: unsupported bank format {manifest.get('format')!r}, this version reads {FORMAT!r}")
         bank_spec = LoraSpec.model_validate(manifest["lora_spec"])
-        if spec is not None and spec != bank_spec:
+        if spec is not None and spec != bank_spec and transfer != "by_role_depth":
             raise ValueError(f"LoRA spec mismatch: the bank at {path} was trained for {bank_spec.model_dump()} "
                              f"(fingerprint {bank_spec.fingerprint()}) but the gradients come from {spec.model_dump()} "
                              f"(fingerprint {spec.fingerprint()}). Decoders invert one spec's A0, so no transfer mode "
@@ -208,7 +214,11 @@ class DecoderBank:
         if model_mismatch and transfer is None:
             raise ValueError(f"model mismatch for the bank at {path}: {'; '.join(model_mismatch)}. Load it with "
                              "transfer='same_shapes' to reuse proxy decoders on a model of the same architecture "
-                             "(e.g. a fine-tune of the proxy), or train a bank on this model")
+                             "(e.g. a fine-tune of the proxy), transfer='by_role_depth' for a model of other "
+                             "shapes, or train a bank on this model")
+        if model_mismatch and transfer == "by_role_depth" and target is None:
+            raise ValueError("transfer='by_role_depth' needs the target's adapted matrices and input covariances: "
+                             "use DecoderBank.load_for_model(path, model, ...), which takes them from forward passes")
         matrices = [MatrixInfo(**m) for m in manifest["matrices"]]
         decoders = DecoderSet(matrices, bank_spec, manifest["kinds"], manifest.get("options") or {})
         state = load_file(str(path / WEIGHTS))
@@ -217,8 +227,29 @@ class DecoderBank:
             raise ValueError(f"{path}: decoder weights do not match the manifest (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}); the bank is damaged, retrain it")
         bank = cls(decoders.to(device), manifest["model_id"], manifest["weights_sha256"], manifest.get("info"))
+        if model_mismatch and transfer == "by_role_depth":
+            matrices, covariances = target
+            bank = bank.map_by_role_depth(matrices, spec or bank_spec, model_id, weights_sha256, covariances).to(device)
         bank.transfer = transfer if model_mismatch else None
         return bank
+
+    @classmethod
+    def load_for_model(cls, path: str | Path, model: torch.nn.Module, model_id: str, weights_sha256: str,
+                       transfer: str | None = None, calibration_ids: Tensor | None = None) -> "DecoderBank":
+        """Load a bank for ``model``, on the model's device. With ``transfer="by_role_depth"`` the bank is
+        mapped onto the model's matrices of the bank's roles, calibrated on the input covariances of one
+        forward pass over ``calibration_ids`` [B, T] (e.g. ``assets.calibration_ids(tokenizer)``)."""
+        device = next(model.parameters()).device
+        target = None
+        if transfer == "by_role_depth":
+            if calibration_ids is None:
+                raise ValueError("transfer='by_role_depth' calibrates on the target: pass calibration_ids")
+            if not (Path(path) / MANIFEST).is_file():
+                raise ValueError(f"{path} is not a decoder bank (needs {MANIFEST}); train one with `r2f train`")
+            targets = json.loads((Path(path) / MANIFEST).read_text())["lora_spec"]["target_modules"]
+            matrices = resolve_targets(model, targets if isinstance(targets, str) else list(targets))
+            target = (matrices, input_covariance(model, [m.name for m in matrices], calibration_ids.to(device)))
+        return cls.load(path, model_id, weights_sha256, transfer=transfer, device=str(device), target=target)
 
 
 def _init_from_covariance(decoders: DecoderSet, covariances: dict[str, Tensor], ridge: float) -> None:

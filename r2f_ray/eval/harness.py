@@ -14,13 +14,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from r2f_ray import assets
+from r2f_ray.config import MODEL_HELP
 from r2f_ray.core.lora import LoraSpec
 from r2f_ray.core.paraphrase import make_views
 from r2f_ray.core.targets import resolve_targets
@@ -34,9 +35,10 @@ ALL_METHODS = ["r2f", "exact_multiview", "fullgrad", "fused_exact", "lora_sin", 
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("default", description="'default' (SmolLM2-135M-Instruct), 'tiny', or a local HF folder")
+    model: str = Field("default", description=MODEL_HELP)
     bank: str | None = Field(None, description="decoder bank folder; none: the naive bank grad_B @ A0 (no training)")
-    transfer: str | None = Field(None, description="bank transfer mode when the bank was trained on another model")
+    transfer: Literal["same_shapes", "by_role_depth"] | None = Field(
+        None, description="bank trained on another model: same_shapes (its architecture) or by_role_depth (other shapes)")
     lora: LoraSpec = Field(LoraSpec(), description="LoRA spec of the naive bank (ignored with a trained bank)")
     methods: list[str] = Field(default_factory=lambda: list(ALL_METHODS))
     relations: tuple[str, ...] = ("capital",)
@@ -72,7 +74,7 @@ def _bank(config: EvalConfig, loaded, run: int):
     from r2f_ray.core.bank import DecoderBank
 
     if config.bank:
-        return DecoderBank.load(config.bank, loaded.model_id, loaded.weights_sha256, transfer=config.transfer)
+        return assets.load_bank(config.bank, loaded, config.transfer)
     spec = config.lora.model_copy(update={"seed": config.lora.seed + run})
     return DecoderBank.naive(spec, resolve_targets(loaded.model, list(spec.target_modules)), loaded.model_id, loaded.weights_sha256)
 

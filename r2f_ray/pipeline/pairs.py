@@ -43,6 +43,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from r2f_ray import assets
+from r2f_ray.config import MODEL_HELP
 from r2f_ray.core.lora import LoraProbe, LoraSpec
 from r2f_ray.pairdata import (
     MANIFEST,
@@ -68,7 +69,7 @@ class PairsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     output: str = Field(..., description="dataset folder (created, or appended to when it holds the same kind of pairs)")
-    model: str = Field("default", description="proxy: 'default' (SmolLM2-135M-Instruct), 'tiny', or a local HF folder")
+    model: str = Field("default", description="proxy: " + MODEL_HELP)
     source: str = Field("lee", description="packaged corpus ('lee', 'wiki') or a Parquet/JSONL/text file or folder")
     text_column: str = Field("text", description="column holding the text in Parquet/JSONL sources")
     max_texts: int | None = Field(None, ge=1, description="read at most this many texts from the source")
@@ -120,7 +121,7 @@ def _tokenizer(model: str):
         return assets.byte_tokenizer()
     from transformers import AutoTokenizer
 
-    folder = assets.ensure_default_model(progress=False) if model == "default" else Path(model)
+    folder = assets.model_folder(model, progress=False)
     return AutoTokenizer.from_pretrained(folder)
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from r2f_ray.config import MODEL_HELP
 from r2f_ray.core.lora import LoraSpec
 from r2f_ray.core.unlearn import UnlearnConfig
 
@@ -38,9 +39,10 @@ class ServiceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("default", description="'default' (SmolLM2-135M-Instruct), 'tiny', or a local HF folder")
+    model: str = Field("default", description=MODEL_HELP)
     bank: str = Field("naive", description="'naive' (grad_B @ A0, no training) or the path of a decoder bank")
-    bank_transfer: Literal["same_shapes"] | None = Field(None, description="load a bank trained on another model of the same shapes")
+    bank_transfer: Literal["same_shapes", "by_role_depth"] | None = Field(
+        None, description="load a bank trained on another model: same_shapes (its architecture) or by_role_depth (other shapes)")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA spec of the naive bank")
     state_dir: Path = Field(Path("r2f_state"), description="versions, job records and the audit log")
     tokens_file: Path | None = Field(None, description="bearer tokens, one 'name token' per line")

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from r2f_ray.config import MODEL_HELP
 from r2f_ray.core.unlearn import METHODS, ForgetRequest, chat_prompt, unlearn
 from r2f_ray.service.audit import AuditLog
 from r2f_ray.service.auth import TokenAuth
@@ -72,7 +73,7 @@ def _load_target(config: ServiceConfig):
     from r2f_ray.assets import LoadedModel, load_model, weights_hash
 
     dtype = getattr(torch, config.dtype)
-    if config.num_gpus > 1 and config.model not in ("default", "tiny"):
+    if config.num_gpus > 1 and Path(config.model).is_dir():
         # A target too large for one GPU is spread over the replica's GPUs layer by layer.
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,14 +83,16 @@ def _load_target(config: ServiceConfig):
     return load_model(config.model, dtype=dtype, device=device)
 
 
-def _load_bank(config: ServiceConfig, model, model_id: str, weights_sha256: str):
+def _load_bank(config: ServiceConfig, model, tokenizer, model_id: str, weights_sha256: str):
     from r2f_ray.core.bank import DecoderBank
     from r2f_ray.core.targets import resolve_targets
 
     if config.bank == "naive":
         bank = DecoderBank.naive(config.lora, resolve_targets(model, list(config.lora.target_modules)), model_id, weights_sha256)
     else:
-        bank = DecoderBank.load(local_copy(config.bank), model_id=model_id, weights_sha256=weights_sha256, transfer=config.bank_transfer)
+        from r2f_ray.assets import LoadedModel, load_bank
+
+        bank = load_bank(local_copy(config.bank), LoadedModel(model, tokenizer, model_id, weights_sha256), config.bank_transfer)
     return bank.to(next(model.parameters()).device)
 
 
@@ -102,8 +105,10 @@ def preflight(config: ServiceConfig) -> None:
     unknown = [m for m in config.methods or () if m not in METHODS]
     if unknown:
         raise ValueError(f"methods {unknown} are not offered by the engine (it offers {sorted(METHODS)}); fix `methods`")
-    if config.model not in ("default", "tiny") and not Path(config.model).is_dir():
-        raise ValueError(f"model {config.model!r} is neither 'default', 'tiny' nor a local Hugging Face folder")
+    from r2f_ray.assets import is_model_spec
+
+    if not is_model_spec(config.model):
+        raise ValueError(f"model {config.model!r} is not one of {MODEL_HELP}")
     if config.bank != "naive" and not (remote_exists(config.bank) if is_uri(config.bank) else Path(config.bank).is_dir()):
         raise ValueError(f"bank {config.bank!r} is neither 'naive' nor a decoder bank folder (train one with `r2f train`)")
 
@@ -145,7 +150,7 @@ class UnlearnService:
         self.materializer.remember_base(self.serving, names)
         self.materializer.apply(self.serving, self.materializer.weights(self.active_version, names))
 
-        self.bank = bank if bank is not None else _load_bank(config, self.serving, self.model_id, self.weights_sha256)
+        self.bank = bank if bank is not None else _load_bank(config, self.serving, self.tokenizer, self.model_id, self.weights_sha256)
         self._engine = engine or unlearn
         self.work = copy.deepcopy(self.serving)
         self._rw = RWLock()
