@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--bank", help="trained decoder bank folder (default: the naive bank)")
-    p.add_argument("--transfer", help="bank transfer mode, e.g. same_shapes")
+    p.add_argument("--transfer", choices=["same_shapes", "by_role_depth"], help="bank trained on another model")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument("--facts", type=int, default=4, help="forget facts per run")
     p.add_argument("--neighbours", type=int, default=16)

