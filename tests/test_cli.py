@@ -38,7 +38,7 @@ def test_probe_on_tiny_model_writes_json(tmp_path):
     (["probe", "--set", "bogus=1", "--model", "tiny"], "bogus"),
     (["probe", "--config", "/nonexistent.yaml"], "does not exist"),
     (["probe", "--model", "tiny", "--texts", "100000", "--quiet"], "ask for fewer texts"),
-    (["probe", "--model", "/no/such/folder"], "neither 'default', 'tiny'"),
+    (["probe", "--model", "/no/such/folder"], "is not one of 'default' (SmolLM2-135M-Instruct), 'gemma3-270m'"),
     (["probe", "--corpus", "imdb"], "invalid choice"),
     (["demo", "--set", "pair_examples=8"], "too few for 2 training workers"),
     (["demo", "--set", "zero_stage=4"], "zero_stage"),

@@ -235,7 +235,7 @@ def test_r2f_serve_refuses_bad_setup_before_starting_ray(tmp_path, capsys, monke
     assert main(["serve", "--model", "tiny", "--state-dir", str(tmp_path)]) == 2
     assert "no bearer tokens configured" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "nope"), "--allow-unauthenticated"]) == 2
-    assert "neither 'default', 'tiny' nor a local Hugging Face folder" in capsys.readouterr().err
+    assert "is not one of 'default' (SmolLM2-135M-Instruct), 'gemma3-270m'" in capsys.readouterr().err
     assert main(["serve", "--model", "tiny", "--allow-unauthenticated", "--bank", str(tmp_path / "nobank")]) == 2
     assert "decoder bank folder" in capsys.readouterr().err
     assert main(["serve", "--allow-unauthenticated", "--set", "limits.max_requests=0"]) == 2

@@ -1,0 +1,104 @@
+"""Per-token weighting of the activation decoder's prior, on real SmolLM2 gradients (no training).
+
+The `activation` kind decodes each row of G from grad_B under the prior covariance X^T X of the request's
+own inputs (at mixing weight beta = 0, which calibration picks, up to 0.04, for q, o and the MLP roles).
+X^T X weights each token by |x_t|^2, whatever gradient the token carries. This script compares that with
+other per-token weights w_t in X^T diag(w) X, closed form, on two kinds of gradients:
+
+- ``text``: packaged Wikipedia paragraphs, loss on every token (what the proxy pairs hold);
+- ``facts``: capital-city questions as chat turns, loss on the answer only (what the engine forgets).
+
+    python benchmarks/activation_prior.py [--examples 32] [--layers 5,15,25] --out activation_prior.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+
+from r2f_ray import assets
+from r2f_ray.core.capture import capture_gradients
+from r2f_ray.core.linalg import rank_r_ceiling
+from r2f_ray.core.lora import LoraSpec, init_factors
+from r2f_ray.core.targets import resolve_targets
+from r2f_ray.core.unlearn import encode_pairs
+from r2f_ray.io import write_json
+
+WEIGHTS = {
+    "|x|^2 (current)": lambda x: torch.ones(x.shape[0], dtype=x.dtype),
+    "first token dropped": lambda x: torch.cat([torch.zeros(1, dtype=x.dtype), torch.ones(x.shape[0] - 1, dtype=x.dtype)]),
+    "unit tokens": lambda x: 1 / x.pow(2).sum(1).clamp_min(1e-12),
+    "|x| (square root)": lambda x: 1 / x.pow(2).sum(1).clamp_min(1e-12).sqrt(),
+    "earlier tokens more": lambda x: torch.linspace(1, 0.05, x.shape[0], dtype=x.dtype) ** 2,
+}
+
+
+def lift(x: torch.Tensor, w: torch.Tensor, a0: torch.Tensor) -> torch.Tensor:
+    """R [r, d_in] with G_hat = grad_B @ R: posterior mean of G's rows under the prior X^T diag(w) X."""
+    c = (x * w[:, None]).T @ x
+    ac = a0 @ c
+    gram = ac @ a0.T
+    return torch.linalg.solve(gram + 1e-9 * torch.trace(gram) * torch.eye(len(gram), dtype=gram.dtype), ac)
+
+
+def batches(loaded, source: str, examples: int):
+    tok = loaded.tokenizer
+    if source == "text":
+        ids = assets.tokenize_fixed_length(tok, assets.corpus_texts("wiki"), 48, examples)
+        return ids, None, None
+    facts = assets.country_facts()[:examples]
+    return encode_pairs(tok, [(f.prompt, f.answer) for f in facts])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--examples", type=int, default=32, help="examples per source")
+    p.add_argument("--layers", default="5,15,25")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--out", default="activation_prior.json")
+    args = p.parse_args()
+    t0 = time.time()
+    loaded = assets.load_default_model()
+    spec = LoraSpec(r=args.rank)
+    layers = {int(v) for v in args.layers.split(",")}
+    matrices = [m for m in resolve_targets(loaded.model, list(spec.target_modules)) if m.layer in layers]
+    result = {"machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "date": time.strftime("%Y-%m-%d"),
+              "model": loaded.model_id, "args": vars(args), "by_source": {}}
+    for source in ("text", "facts"):
+        ids, mask, labels = batches(loaded, source, args.examples)
+        scores: dict[str, dict[str, list[float]]] = {}
+        for start in range(0, len(ids), 8):
+            sl = slice(start, start + 8)
+            cap = capture_gradients(loaded.model, ids[sl], None if mask is None else mask[sl],
+                                    None if labels is None else labels[sl], targets=[m.name for m in matrices])
+            for m in matrices:
+                a0 = init_factors(spec, m)[0].double()
+                row = scores.setdefault(m.role, {})
+                for b in range(ids[sl].shape[0]):
+                    x, d = (t.double() for t in cap.factors(m.name, b))
+                    g = d.T @ x
+                    grad_b = g @ a0.T
+                    for name, weight in WEIGHTS.items():
+                        gh = grad_b @ lift(x, weight(x), a0)
+                        row.setdefault(name, []).append(float((gh * g).sum() / (gh.norm() * g.norm())))
+                    row.setdefault("naive", []).append(float((grad_b @ a0 * g).sum() / ((grad_b @ a0).norm() * g.norm())))
+                    row.setdefault("ceiling", []).append(float(rank_r_ceiling(torch.linalg.svdvals(g), args.rank)))
+        result["by_source"][source] = {role: {k: sum(v) / len(v) for k, v in cols.items()} for role, cols in scores.items()}
+        result["by_source"][source]["examples"] = len(ids)
+        cols = ["naive", *WEIGHTS, "ceiling"]
+        print(f"\n{source}: cosine to the true G, mean over layers {sorted(layers)} x {len(ids)} examples (beta = 0, closed form)")
+        print(f"{'role':<10}" + "".join(f"{c[:19]:>21}" for c in cols))
+        for role, vals in result["by_source"][source].items():
+            if role != "examples":
+                print(f"{role:<10}" + "".join(f"{vals[c]:>21.3f}" for c in cols))
+    result["seconds"] = time.time() - t0
+    write_json(args.out, result)
+    print(f"\n{time.time() - t0:.0f} s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
