@@ -265,14 +265,18 @@ def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, intermediate: i
     """A random-weight Llama built from a config (seeded), with the byte tokenizer. For tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    return _seeded_model(LlamaForCausalLM, LlamaConfig, seed, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads)
+
+
+def _seeded_model(model_class, config_class, seed: int, **shape):
+    """A random-weight causal LM of ``shape`` over the byte tokenizer, seeded without touching the global RNG."""
     tok = byte_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    config = config_class(vocab_size=len(tok), max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True, **shape)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     return model.eval(), tok
 
 
@@ -281,16 +285,9 @@ def tiny_gemma(seed: int = 0, hidden: int = 48, layers: int = 3, intermediate: i
     wider than hidden / heads, sliding and full attention layers), with the byte tokenizer. For tests."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    tok = byte_tokenizer()
-    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
-                              num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                              sliding_window=8, layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
-                              max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Gemma3ForCausalLM(config)
-    return model.eval(), tok
+    return _seeded_model(Gemma3ForCausalLM, Gemma3TextConfig, seed, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                         sliding_window=8, layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"])
 
 
 # ---------------------------------------------------------------------------------------------
