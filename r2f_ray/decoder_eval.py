@@ -118,7 +118,7 @@ def run_eval(config: EvalConfig, progress: bool = True) -> dict:
         for col in order:
             by_role.setdefault(m.role, {}).setdefault(col, []).append(per_matrix[col][m.name])
     by_role = {role: {col: sum(v) / len(v) for col, v in cols.items()} for role, cols in by_role.items()}
-    return {"pairs": str(dataset.path), "split": config.split, "pairs_evaluated": pairs, "matrices": len(infos),
+    return {"pairs": str(dataset.path), "model": dataset.manifest["proxy"]["model_id"], "split": config.split, "pairs_evaluated": pairs, "matrices": len(infos),
             "bank": config.bank, "bank_kinds": bank.kinds if bank else None, "bank_transfer": bank.transfer if bank else None,
             "bank_calibration": calibration, "columns": order,
             "by_role": by_role, "per_matrix": per_matrix, "seconds": time.time() - t0,
@@ -150,8 +150,10 @@ def plot_eval(result: dict, path: str) -> None:
     ax.set_xticks([r + 0.4 - width / 2 for r in range(len(roles))], [ro.removesuffix("_proj") for ro in roles])
     ax.set_ylim(0, 1)
     ax.set_ylabel("cosine to true gradient")
-    ax.set_title(f"decoders on {result['pairs_evaluated']} {result['split']} pairs")
-    ax.legend(fontsize=7, ncol=2)
+    model = f" of {result['model']}" if result.get("model") else ""
+    bank = f"; bank loaded with transfer={result['bank_transfer']}" if result.get("bank_transfer") else ""
+    ax.set_title(f"decoders on {result['pairs_evaluated']} {result['split']} pairs{model}{bank}", fontsize=10)
+    ax.legend(fontsize=8, ncol=len(cols), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

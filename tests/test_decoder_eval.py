@@ -62,7 +62,7 @@ def test_bank_on_its_own_pairs_matches_the_kinds_fitted_alongside(llama_bank):
                       progress=False)
     assert result["columns"] == ["naive", "ceiling", "bank", "linear", "activation"]
     assert result["split"] == "heldout" and result["pairs_evaluated"] == len(pairs.pair_ids("heldout")) > 0
-    assert result["bank_transfer"] is None and result["matrices"] == 14
+    assert result["bank_transfer"] is None and result["matrices"] == 14 and result["model"] == "tiny-llama"
     for role, cols in result["by_role"].items():
         assert cols["ceiling"] >= max(v for k, v in cols.items() if k != "ceiling") - 1e-4, (role, cols)
         assert cols["activation"] > cols["naive"] + 0.1, (role, cols)
