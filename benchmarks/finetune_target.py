@@ -33,6 +33,7 @@ def main() -> None:
     t0 = time.time()
     loaded = assets.load_default_model()
     base = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+    print(f"fine-tuning {loaded.model_id} on {args.facts} invented facts for {args.steps} full-batch Adam steps ...", flush=True)
     teach(loaded.model, loaded.tokenizer, fictitious_facts(args.facts), args.steps, args.lr)
     moved = {k: float((v - base[k]).norm() / base[k].norm().clamp_min(1e-12)) for k, v in loaded.model.state_dict().items()
              if v.ndim == 2 and "layers." in k}
