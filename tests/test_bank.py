@@ -234,6 +234,8 @@ def test_bank_loads_onto_another_family_by_role_and_depth(tiny, tmp_path):
         DecoderBank.load(tmp_path / "bank", "tiny-gemma", "11" * 32, transfer="by_role_depth")
     with pytest.raises(ValueError, match="calibration_ids"):
         DecoderBank.load_for_model(tmp_path / "bank", gemma, "tiny-gemma", "11" * 32, "by_role_depth")
+    own = DecoderBank.load_for_model(tmp_path / "bank", model, "tiny-llama", "00" * 32, "by_role_depth")
+    assert own.transfer is None and own.matrices == probe.matrices  # its own model: nothing to map or calibrate
     ids = calibration_ids(byte_tokenizer(), tokens=32, count=4)
     mapped = DecoderBank.load_for_model(tmp_path / "bank", gemma, "tiny-gemma", "11" * 32, "by_role_depth", ids)
     target = LoraProbe(gemma, spec)

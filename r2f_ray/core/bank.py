@@ -241,12 +241,14 @@ class DecoderBank:
         forward pass over ``calibration_ids`` [B, T] (e.g. ``assets.calibration_ids(tokenizer)``)."""
         device = next(model.parameters()).device
         target = None
-        if transfer == "by_role_depth":
+        if not (Path(path) / MANIFEST).is_file():
+            raise ValueError(f"{path} is not a decoder bank (needs {MANIFEST}); train one with `r2f train`")
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+        own = (manifest.get("model_id"), manifest.get("weights_sha256")) == (model_id, weights_sha256)
+        if transfer == "by_role_depth" and not own:  # the bank's own model needs no mapping
             if calibration_ids is None:
                 raise ValueError("transfer='by_role_depth' calibrates on the target: pass calibration_ids")
-            if not (Path(path) / MANIFEST).is_file():
-                raise ValueError(f"{path} is not a decoder bank (needs {MANIFEST}); train one with `r2f train`")
-            targets = json.loads((Path(path) / MANIFEST).read_text())["lora_spec"]["target_modules"]
+            targets = manifest["lora_spec"]["target_modules"]
             matrices = resolve_targets(model, targets if isinstance(targets, str) else list(targets))
             target = (matrices, input_covariance(model, [m.name for m in matrices], calibration_ids.to(device)))
         return cls.load(path, model_id, weights_sha256, transfer=transfer, device=str(device), target=target)
