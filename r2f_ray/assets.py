@@ -138,8 +138,6 @@ def ensure_packaged_model(name: str = "default", progress: bool = True) -> Path:
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="r2f-gguf-") as scratch:
         if entry.chunked:
-            import importlib
-
             gguf_dir = Path(scratch)
             importlib.import_module(entry.package).assemble(gguf_dir / entry.gguf_file)
         loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=entry.gguf_file, dtype=torch.float32)
