@@ -13,8 +13,9 @@ import json
 import os
 import platform
 import sys
+from typing import get_args
 
-from r2f_ray.config import MODEL_HELP, ConfigError, load_config
+from r2f_ray.config import MODEL_HELP, ConfigError, TransferMode, load_config
 
 EXIT_USAGE = 2
 
@@ -355,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", help="decoder bank folder (optional: kinds are also fitted on the fly)")
     p.add_argument("--pairs", help="pair dataset to evaluate on (another corpus than the training one, or the target's)")
     p.add_argument("--split", choices=["train", "heldout", "all"], help="which pairs to evaluate on (default heldout)")
-    p.add_argument("--transfer", choices=["same_shapes", "by_role_depth"],
+    p.add_argument("--transfer", choices=get_args(TransferMode),
                    help="the bank was trained on another model than the pairs': same_shapes, or by_role_depth "
                         "(calibrated on the pairs' stored input activations)")
     p.add_argument("--json", metavar="PATH", help="also write the table as JSON")
@@ -385,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=5, help="update views per request (original prompt + paraphrases)")
     p.add_argument("--step", default="auto", help="a positive number, or 'auto' (forward-only search; docs/evaluation.md)")
     p.add_argument("--bank", help="decoder bank folder (default: the naive decoder grad_B @ A0)")
-    p.add_argument("--transfer", choices=["same_shapes", "by_role_depth"],
+    p.add_argument("--transfer", choices=get_args(TransferMode),
                    help="bank trained on another model: same_shapes (same architecture, e.g. its fine-tune) or "
                         "by_role_depth (other shapes; calibrated with forward passes on packaged text)")
     p.add_argument("--json", metavar="PATH", help="write the per-request reports as JSON")

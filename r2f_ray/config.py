@@ -8,12 +8,18 @@ Unknown keys are errors, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 C = TypeVar("C", bound=BaseModel)
+
+# Loading a decoder bank for another model than its proxy (``DecoderBank.load``). same_shapes: the target has
+# the proxy's architecture (e.g. a fine-tune of it); decoders are reused as-is. by_role_depth: any target;
+# decoders are mapped by matrix role and relative depth and calibrated on the target's input covariances
+# (forward passes only, see ``DecoderBank.map_by_role_depth``).
+TransferMode = Literal["same_shapes", "by_role_depth"]
 
 # The model specs every stage accepts (see ``assets.load_model``).
 MODEL_HELP = "'default' (SmolLM2-135M-Instruct), 'gemma3-270m' (optional extra), 'tiny', or a local HF folder"

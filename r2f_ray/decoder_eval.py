@@ -11,12 +11,12 @@ can beat.
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from r2f_ray.config import TransferMode
 from r2f_ray.core.bank import DecoderBank
 from r2f_ray.core.decoders import DecoderSet, baseline_cosines, fit_local, pair_cosine
 from r2f_ray.pairdata import PairDataset
@@ -28,7 +28,7 @@ class EvalConfig(BaseModel):
     pairs: str = Field(..., description="pair dataset to evaluate on")
     split: str = Field("heldout", description="train, heldout or all")
     bank: str | None = Field(None, description="trained decoder bank to evaluate")
-    transfer: Literal["same_shapes", "by_role_depth"] | None = Field(
+    transfer: TransferMode | None = Field(
         None, description="load a bank trained on another model with this transfer mode; by_role_depth calibrates on "
                           "the input covariances stored in `pairs` (train split when evaluating held-out pairs)")
     fit_kinds: list[str] = Field(default_factory=lambda: ["linear"], description="kinds fitted here for comparison")
@@ -118,7 +118,8 @@ def run_eval(config: EvalConfig, progress: bool = True) -> dict:
         for col in order:
             by_role.setdefault(m.role, {}).setdefault(col, []).append(per_matrix[col][m.name])
     by_role = {role: {col: sum(v) / len(v) for col, v in cols.items()} for role, cols in by_role.items()}
-    return {"pairs": str(dataset.path), "model": dataset.manifest["proxy"]["model_id"], "split": config.split, "pairs_evaluated": pairs, "matrices": len(infos),
+    return {"pairs": str(dataset.path), "model": dataset.manifest["proxy"]["model_id"], "split": config.split,
+            "pairs_evaluated": pairs, "matrices": len(infos),
             "bank": config.bank, "bank_kinds": bank.kinds if bank else None, "bank_transfer": bank.transfer if bank else None,
             "bank_calibration": calibration, "columns": order,
             "by_role": by_role, "per_matrix": per_matrix, "seconds": time.time() - t0,

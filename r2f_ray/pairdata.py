@@ -675,11 +675,13 @@ class PairDataset:
             keep = [i for i, k in enumerate(table.column("split_key").to_pylist()) if split is None or split_of(k, frac) == split]
             n_rows = table.column("n_rows").to_pylist()
             tokens += sum(n_rows[i] for i in keep)
+            if not keep:
+                continue
             for col, d in width.items():
                 values = table.column(col).to_pylist()
-                for i in keep:
-                    x = _decode_stack([values[i]], self.manifest["dtype"], [(n_rows[i], d)], "cpu")[0].double()
-                    sums[col] += x.T @ x
+                # Zero-padded rows of shorter items add nothing to X^T X.
+                x = _decode_stack([values[i] for i in keep], self.manifest["dtype"], [(n_rows[i], d) for i in keep], "cpu")
+                sums[col] += (x.double().transpose(1, 2) @ x.double()).sum(0)
         if not tokens:
             raise PairDataError(f"{self.path} has no items in split {split!r}")
         return {m["name"]: sums[m["input_column"]] / tokens for m in chosen}

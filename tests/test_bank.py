@@ -236,6 +236,8 @@ def test_bank_loads_onto_another_family_by_role_and_depth(tiny, tmp_path):
         DecoderBank.load_for_model(tmp_path / "bank", gemma, "tiny-gemma", "11" * 32, "by_role_depth")
     own = DecoderBank.load_for_model(tmp_path / "bank", model, "tiny-llama", "00" * 32, "by_role_depth")
     assert own.transfer is None and own.matrices == probe.matrices  # its own model: nothing to map or calibrate
+    with pytest.raises(ValueError, match="LoRA spec mismatch"):  # no mapping, so the spec must match exactly
+        DecoderBank.load(tmp_path / "bank", "tiny-llama", "00" * 32, spec.model_copy(update={"seed": 5}), "by_role_depth")
     ids = calibration_ids(byte_tokenizer(), tokens=32, count=4)
     mapped = DecoderBank.load_for_model(tmp_path / "bank", gemma, "tiny-gemma", "11" * 32, "by_role_depth", ids)
     target = LoraProbe(gemma, spec)

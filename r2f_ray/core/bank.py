@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import get_args
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from r2f_ray.config import TransferMode
 from r2f_ray.core.decoders import DecoderSet, input_covariance
 from r2f_ray.core.lora import LoraSpec
 from r2f_ray.core.targets import MatrixInfo, resolve_targets
@@ -28,10 +30,7 @@ from r2f_ray.io import atomic_dir
 FORMAT = "r2f-decoder-bank/1"
 MANIFEST = "manifest.json"
 WEIGHTS = "decoders.safetensors"
-# same_shapes: the target has the proxy's architecture (e.g. a fine-tune of it); decoders are reused as-is.
-# by_role_depth: any target; decoders are mapped by matrix role and relative depth and calibrated on the
-# target's input covariances (forward passes only, see ``DecoderBank.map_by_role_depth``).
-TRANSFER_MODES = ("same_shapes", "by_role_depth")
+TRANSFER_MODES = get_args(TransferMode)  # see r2f_ray.config.TransferMode
 
 
 class DecoderBank:
@@ -200,23 +199,25 @@ class DecoderBank:
         if manifest.get("format") != FORMAT:
             raise ValueError(f"{path}: unsupported bank format {manifest.get('format')!r}, this version reads {FORMAT!r}")
         bank_spec = LoraSpec.model_validate(manifest["lora_spec"])
-        if spec is not None and spec != bank_spec and transfer != "by_role_depth":
-            raise ValueError(f"LoRA spec mismatch: the bank at {path} was trained for {bank_spec.model_dump()} "
-                             f"(fingerprint {bank_spec.fingerprint()}) but the gradients come from {spec.model_dump()} "
-                             f"(fingerprint {spec.fingerprint()}). Decoders invert one spec's A0, so no transfer mode "
-                             "applies: train a bank for this spec, or probe with the bank's spec")
         model_mismatch = []
         if model_id is not None and model_id != manifest["model_id"]:
             model_mismatch.append(f"model id {manifest['model_id']!r} (bank) vs {model_id!r} (requested)")
         if weights_sha256 is not None and weights_sha256 != manifest["weights_sha256"]:
             model_mismatch.append(f"weights sha256 {manifest['weights_sha256'][:12]}... (bank) vs "
                                   f"{weights_sha256[:12]}... (requested)")
+        mapping = bool(model_mismatch) and transfer == "by_role_depth"
+        # Role/depth mapping onto another model checks the spec itself, up to the target module names.
+        if spec is not None and spec != bank_spec and not mapping:
+            raise ValueError(f"LoRA spec mismatch: the bank at {path} was trained for {bank_spec.model_dump()} "
+                             f"(fingerprint {bank_spec.fingerprint()}) but the gradients come from {spec.model_dump()} "
+                             f"(fingerprint {spec.fingerprint()}). Decoders invert one spec's A0, so no transfer mode "
+                             "applies: train a bank for this spec, or probe with the bank's spec")
         if model_mismatch and transfer is None:
             raise ValueError(f"model mismatch for the bank at {path}: {'; '.join(model_mismatch)}. Load it with "
                              "transfer='same_shapes' to reuse proxy decoders on a model of the same architecture "
                              "(e.g. a fine-tune of the proxy), transfer='by_role_depth' for a model of other "
                              "shapes, or train a bank on this model")
-        if model_mismatch and transfer == "by_role_depth" and target is None:
+        if mapping and target is None:
             raise ValueError("transfer='by_role_depth' needs the target's adapted matrices and input covariances: "
                              "use DecoderBank.load_for_model(path, model, ...), which takes them from forward passes")
         matrices = [MatrixInfo(**m) for m in manifest["matrices"]]
@@ -227,7 +228,7 @@ class DecoderBank:
             raise ValueError(f"{path}: decoder weights do not match the manifest (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}); the bank is damaged, retrain it")
         bank = cls(decoders.to(device), manifest["model_id"], manifest["weights_sha256"], manifest.get("info"))
-        if model_mismatch and transfer == "by_role_depth":
+        if mapping:
             matrices, covariances = target
             bank = bank.map_by_role_depth(matrices, spec or bank_spec, model_id, weights_sha256, covariances).to(device)
         bank.transfer = transfer if model_mismatch else None

@@ -14,14 +14,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from r2f_ray import assets
-from r2f_ray.config import MODEL_HELP
+from r2f_ray.config import MODEL_HELP, TransferMode
 from r2f_ray.core.lora import LoraSpec
 from r2f_ray.core.paraphrase import make_views
 from r2f_ray.core.targets import resolve_targets
@@ -37,7 +37,7 @@ class EvalConfig(BaseModel):
 
     model: str = Field("default", description=MODEL_HELP)
     bank: str | None = Field(None, description="decoder bank folder; none: the naive bank grad_B @ A0 (no training)")
-    transfer: Literal["same_shapes", "by_role_depth"] | None = Field(
+    transfer: TransferMode | None = Field(
         None, description="bank trained on another model: same_shapes (its architecture) or by_role_depth (other shapes)")
     lora: LoraSpec = Field(LoraSpec(), description="LoRA spec of the naive bank (ignored with a trained bank)")
     methods: list[str] = Field(default_factory=lambda: list(ALL_METHODS))

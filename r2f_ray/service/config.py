@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from r2f_ray.config import MODEL_HELP
+from r2f_ray.config import MODEL_HELP, TransferMode
 from r2f_ray.core.lora import LoraSpec
 from r2f_ray.core.unlearn import UnlearnConfig
 
@@ -41,7 +41,7 @@ class ServiceConfig(BaseModel):
 
     model: str = Field("default", description=MODEL_HELP)
     bank: str = Field("naive", description="'naive' (grad_B @ A0, no training) or the path of a decoder bank")
-    bank_transfer: Literal["same_shapes", "by_role_depth"] | None = Field(
+    bank_transfer: TransferMode | None = Field(
         None, description="load a bank trained on another model: same_shapes (its architecture) or by_role_depth (other shapes)")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA spec of the naive bank")
     state_dir: Path = Field(Path("r2f_state"), description="versions, job records and the audit log")
