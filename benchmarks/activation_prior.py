@@ -8,6 +8,10 @@ other per-token weights w_t in X^T diag(w) X, closed form, on two kinds of gradi
 - ``text``: packaged Wikipedia paragraphs, loss on every token (what the proxy pairs hold);
 - ``facts``: capital-city questions as chat turns, loss on the answer only (what the engine forgets).
 
+Two oracle columns bound what any token weighting can buy: ``oracle |D_t|^2`` weights each token by its
+true gradient energy (the best diagonal weights, which no forward pass knows), and ``oracle G^T G`` uses
+the true row covariance of G itself (not a token weighting at all: the best prior of this form).
+
     python benchmarks/activation_prior.py [--examples 32] [--layers 5,15,25] --out activation_prior.json
 """
 
@@ -39,7 +43,11 @@ WEIGHTS = {
 
 def lift(x: torch.Tensor, w: torch.Tensor, a0: torch.Tensor) -> torch.Tensor:
     """R [r, d_in] with G_hat = grad_B @ R: posterior mean of G's rows under the prior X^T diag(w) X."""
-    c = (x * w[:, None]).T @ x
+    return lift_from_covariance((x * w[:, None]).T @ x, a0)
+
+
+def lift_from_covariance(c: torch.Tensor, a0: torch.Tensor) -> torch.Tensor:
+    """R [r, d_in]: posterior mean of G's rows given grad_B under the prior covariance c [d_in, d_in]."""
     ac = a0 @ c
     gram = ac @ a0.T
     return torch.linalg.solve(gram + 1e-9 * torch.trace(gram) * torch.eye(len(gram), dtype=gram.dtype), ac)
@@ -82,14 +90,17 @@ def main() -> None:
                     x, d = (t.double() for t in cap.factors(m.name, b))
                     g = d.T @ x
                     grad_b = g @ a0.T
-                    for name, weight in WEIGHTS.items():
-                        gh = grad_b @ lift(x, weight(x), a0)
+                    lifts = {name: lift(x, weight(x), a0) for name, weight in WEIGHTS.items()}
+                    lifts["oracle |D_t|^2"] = lift(x, d.pow(2).sum(1), a0)
+                    lifts["oracle G^T G"] = lift_from_covariance(g.T @ g, a0)
+                    for name, r in lifts.items():
+                        gh = grad_b @ r
                         row.setdefault(name, []).append(float((gh * g).sum() / (gh.norm() * g.norm())))
                     row.setdefault("naive", []).append(float((grad_b @ a0 * g).sum() / ((grad_b @ a0).norm() * g.norm())))
                     row.setdefault("ceiling", []).append(float(rank_r_ceiling(torch.linalg.svdvals(g), args.rank)))
         result["by_source"][source] = {role: {k: sum(v) / len(v) for k, v in cols.items()} for role, cols in scores.items()}
         result["by_source"][source]["examples"] = len(ids)
-        cols = ["naive", *WEIGHTS, "ceiling"]
+        cols = ["naive", *WEIGHTS, "oracle |D_t|^2", "oracle G^T G", "ceiling"]
         print(f"\n{source}: cosine to the true G, mean over layers {sorted(layers)} x {len(ids)} examples (beta = 0, closed form)")
         print(f"{'role':<10}" + "".join(f"{c[:19]:>21}" for c in cols))
         for role, vals in result["by_source"][source].items():

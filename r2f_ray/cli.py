@@ -261,12 +261,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_decoders(args: argparse.Namespace) -> int:
-    from r2f_ray.decoder_eval import EvalConfig, format_eval, plot_eval, run_eval
+    from r2f_ray.decoder_eval import EvalConfig, FactEvalConfig, facts_eval, format_eval, plot_eval, run_eval
     from r2f_ray.io import write_json
 
-    overrides = {"bank": args.bank, "pairs": args.pairs, "split": args.split, "transfer": args.transfer}
-    config = load_config(EvalConfig, args.config, {**_parse_sets(args.set), **{k: v for k, v in overrides.items() if v is not None}})
-    result = run_eval(config, progress=not args.quiet)
+    if args.facts is not None:
+        if args.pairs or args.split:
+            raise UsageError("--facts evaluates on forget facts' exact gradients, not on pairs: drop --pairs/--split")
+        if not args.bank:
+            raise UsageError("--facts needs --bank (the bank to evaluate on the facts)")
+        overrides = {"bank": args.bank, "model": args.model, "transfer": args.transfer, "facts": args.facts}
+        config = load_config(FactEvalConfig, args.config, {**_parse_sets(args.set), **{k: v for k, v in overrides.items() if v is not None}})
+        result = facts_eval(config, progress=not args.quiet)
+    else:
+        if args.model:
+            raise UsageError("--model applies to --facts; pairs name their own model")
+        overrides = {"bank": args.bank, "pairs": args.pairs, "split": args.split, "transfer": args.transfer}
+        config = load_config(EvalConfig, args.config, {**_parse_sets(args.set), **{k: v for k, v in overrides.items() if v is not None}})
+        result = run_eval(config, progress=not args.quiet)
     print(format_eval(result))
     if args.json:
         write_json(args.json, result)
@@ -274,6 +285,35 @@ def cmd_eval_decoders(args: argparse.Namespace) -> int:
     if args.plot:
         plot_eval(result, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_token_weights(args: argparse.Namespace) -> int:
+    from r2f_ray import assets
+    from r2f_ray.core.bank import DecoderBank
+    from r2f_ray.core.decoders import TOKEN_FEATURES
+    from r2f_ray.decoder_eval import fit_token_weights_on_facts
+
+    if args.facts < 8:
+        raise UsageError(f"--facts must be at least 8 (5 coefficients per matrix are fitted), got {args.facts}")
+    relations = tuple(r.strip() for r in args.relations.split(",") if r.strip())
+    loaded = assets.load_model(args.model)
+    bank = DecoderBank.load(args.bank, loaded.model_id, loaded.weights_sha256)  # the bank's own proxy only
+    output = args.output or args.bank
+    if args.output and os.path.exists(args.output):
+        raise UsageError(f"{args.output} already exists; choose a new folder, or omit --output to update {args.bank}")
+    coefficients = fit_token_weights_on_facts(bank, loaded, args.facts, relations)
+    bank.save(output, overwrite=output == args.bank)
+    by_role: dict[str, list] = {}
+    for m in bank.matrices:
+        if m.name in coefficients:
+            by_role.setdefault(m.role, []).append(coefficients[m.name])
+    print(f"r2f token-weights: fitted on {args.facts} facts ({', '.join(relations)}) of {loaded.model_id}; mean coefficient per role")
+    print(f"{'role':<10}" + "".join(f"{f:>21}" for f in TOKEN_FEATURES))
+    for role, rows in by_role.items():
+        mean = sum(rows) / len(rows)
+        print(f"{role:<10}" + "".join(f"{float(v):>21.3f}" for v in mean))
+    print(f"wrote {output}")
     return 0
 
 
@@ -356,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", help="decoder bank folder (optional: kinds are also fitted on the fly)")
     p.add_argument("--pairs", help="pair dataset to evaluate on (another corpus than the training one, or the target's)")
     p.add_argument("--split", choices=["train", "heldout", "all"], help="which pairs to evaluate on (default heldout)")
+    p.add_argument("--facts", type=int, help="evaluate on the exact gradients of this many forget facts (capitals) "
+                                             "instead of pairs, decoded as the engine decodes a request")
+    p.add_argument("--model", help="with --facts: " + MODEL_HELP)
     p.add_argument("--transfer", choices=get_args(TransferMode),
                    help="the bank was trained on another model than the pairs': same_shapes, or by_role_depth "
                         "(calibrated on the pairs' stored input activations)")
@@ -363,6 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="also draw the table as a PNG bar chart")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval_decoders)
+
+    p = sub.add_parser("token-weights", help="fit an activation bank's token weights on question/answer gradients of its proxy")
+    p.add_argument("--bank", required=True, help="decoder bank folder with activation decoders")
+    p.add_argument("--model", default="default", help="the bank's proxy model: " + MODEL_HELP)
+    p.add_argument("--facts", type=int, default=48, help="packaged facts to fit on (default 48)")
+    p.add_argument("--relations", default="region,subregion,demonym",
+                   help="country-fact relations to fit on (default region,subregion,demonym: not capitals, the forget set)")
+    p.add_argument("--output", help="write the bank with token weights here (default: update --bank in place, atomically)")
+    p.set_defaults(func=cmd_token_weights)
 
     p = sub.add_parser("serve", help="run the unlearning service (Ray Serve, FastAPI) on this machine")
     _add_config_args(p)

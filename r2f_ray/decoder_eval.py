@@ -1,5 +1,8 @@
 """`r2f eval-decoders`: how close each decoder gets to the true full gradient, per matrix role.
 
+Two sources of true gradients: pairs, and forget facts (``facts_eval``: exact gradients of chat questions
+with the loss on the answer, taken on a model here, the form of an unlearning request).
+
 On the pairs of an evaluation dataset (held-out split by default; use a dataset made from another
 corpus, or from the target's own forget facts, to measure transfer) it reports per matrix and per role
 the mean cosine to the true G of: the naive lift ``grad_B @ A0``, a trained bank (if given), decoder
@@ -14,11 +17,16 @@ import time
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from r2f_ray.config import TransferMode
+from r2f_ray import assets
+from r2f_ray.config import MODEL_HELP, TransferMode
 from r2f_ray.core.bank import DecoderBank
-from r2f_ray.core.decoders import DecoderSet, baseline_cosines, fit_local, pair_cosine
+from r2f_ray.core.capture import capture_gradients
+from r2f_ray.core.decoders import DecoderSet, activation_stats, baseline_cosines, fit_local, pair_cosine
+from r2f_ray.core.lora import init_factors, lora_grads_from_factors
+from r2f_ray.core.unlearn import encode_pairs
 from r2f_ray.pairdata import PairDataset
 
 
@@ -111,26 +119,112 @@ def run_eval(config: EvalConfig, progress: bool = True) -> dict:
                 pred = bank.decoders({n: (ga, gb, None, acts) for n, (ga, gb, _, acts) in batch.items()})
                 for n, g in pred.items():
                     columns["bank"].setdefault(n, []).extend(pair_cosine(g[None], batch[n][2][None].float())[0].tolist())
+    summary = _summarise(columns, infos)
+    return {"pairs": str(dataset.path), "model": dataset.manifest["proxy"]["model_id"], "split": config.split,
+            "pairs_evaluated": pairs, "matrices": len(infos),
+            "bank": config.bank, "bank_kinds": bank.kinds if bank else None, "bank_transfer": bank.transfer if bank else None,
+            "bank_calibration": calibration, **summary, "seconds": time.time() - t0,
+            "config": config.model_dump(mode="json")}
+
+
+TOKEN_WEIGHT_RELATIONS = ("region", "subregion", "demonym")
+
+
+def qa_sequences(tokenizer, facts: list[assets.Fact], device=None) -> tuple[Tensor, Tensor, Tensor]:
+    """(input_ids, attention_mask, labels) of chat questions with the loss on the answer, as in a request."""
+    return encode_pairs(tokenizer, [(f.prompt, f.answer) for f in facts], device)
+
+
+def token_weight_facts(count: int, relations: tuple[str, ...] = TOKEN_WEIGHT_RELATIONS) -> list[assets.Fact]:
+    """``count`` packaged country facts of ``relations`` (by default not capitals, the forget set), spread
+    evenly over countries and relations: the data token weights are fitted on."""
+    facts = assets.country_facts(relations)
+    if count > len(facts):
+        raise ValueError(f"only {len(facts)} facts of relations {list(relations)} are packaged; ask for at most that many")
+    stride = len(facts) / count
+    return [facts[int(i * stride)] for i in range(count)]
+
+
+def fit_token_weights_on_facts(bank: DecoderBank, loaded: assets.LoadedModel, count: int = 48,
+                               relations: tuple[str, ...] = TOKEN_WEIGHT_RELATIONS) -> dict[str, Tensor]:
+    """Fit ``bank``'s token weights on exact gradients of its proxy ``loaded`` over ``count`` packaged facts
+    (``token_weight_facts``) asked as chat questions, the loss on the answer; returns the coefficients."""
+    facts = token_weight_facts(count, relations)
+    ids, mask, labels = qa_sequences(loaded.tokenizer, facts)
+    return bank.fit_token_weights(loaded.model, ids, mask, labels,
+                                  data=f"{len(facts)} packaged country facts ({', '.join(relations)}), chat, loss on the answer")
+
+
+class FactEvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bank: str = Field(..., description="decoder bank to evaluate")
+    model: str = Field("default", description=MODEL_HELP)
+    transfer: TransferMode | None = Field(None, description="load a bank trained on another model with this mode")
+    facts: int = Field(16, ge=1, description="capital-city facts (the forget set) whose exact gradients are compared")
+    batch_size: int = Field(8, ge=1)
+
+
+def facts_eval(config: FactEvalConfig, progress: bool = True) -> dict:
+    """Cosine to the exact gradient of each forget fact (one chat question, loss on the answer) of the
+    naive lift, the bank as the engine decodes a request, the bank with every token weighted as is (where
+    it has token weights), and the rank-r ceiling; per matrix and per role."""
+    t0 = time.time()
+    loaded = assets.load_model(config.model)
+    bank = assets.load_bank(config.bank, loaded, transfer=config.transfer)
+    facts = assets.country_facts()[: config.facts]
+    ids, mask, labels = qa_sequences(loaded.tokenizer, facts)
+    names = [m.name for m in bank.matrices]
+    weighted = "token_weights" in bank.info and bank.needs_acts
+    columns: dict[str, dict[str, list[float]]] = {c: {} for c in ["naive", "bank", *(["bank, unweighted"] if weighted else []), "ceiling"]}
+    plain = DecoderSet(bank.matrices, bank.spec, "naive")
+    for start in tqdm(range(0, len(facts), config.batch_size), desc="eval-decoders: facts", disable=not progress):
+        part = slice(start, start + config.batch_size)
+        cap = capture_gradients(loaded.model, ids[part], mask[part], labels[part], targets=names)
+        for b in range(cap.batch_size):
+            lora, acts, unweighted, full = {}, {}, {}, {}
+            for m in bank.matrices:
+                x, d = cap.factors(m.name, b)
+                a0, b0 = init_factors(bank.spec, m)
+                lora[m.name] = lora_grads_from_factors(x, d, a0, b0, bank.spec.scaling)
+                full[m.name] = d.T.float() @ x.float()
+                if bank.needs_acts:
+                    acts[m.name] = bank.request_stats(m.name, [(x, cap.scored_tokens(b))])
+                    unweighted[m.name] = activation_stats(x, a0)
+            decoded = {"bank": bank.decode(lora, acts=acts or None)}
+            if weighted:
+                decoded["bank, unweighted"] = bank.decode(lora, acts=unweighted)
+            stacked = plain.stack({n: (lora[n][0][None], lora[n][1][None], full[n][None]) for n in names})
+            for n, (naive, ceiling) in baseline_cosines(plain, stacked).items():
+                columns["naive"].setdefault(n, []).extend(naive.tolist())
+                columns["ceiling"].setdefault(n, []).extend(ceiling.tolist())
+            for col, pred in decoded.items():
+                for n in names:
+                    columns[col].setdefault(n, []).append(float(pair_cosine(pred[n][None, None], full[n][None, None])))
+    result = _summarise(columns, bank.matrices)
+    return {"pairs": f"{len(facts)} capital facts (chat, loss on the answer)", "model": loaded.model_id, "split": "facts",
+            "pairs_evaluated": len(facts), "matrices": len(names), "bank": config.bank, "bank_kinds": bank.kinds,
+            "bank_transfer": bank.transfer, "token_weights": bank.info.get("token_weights"), **result,
+            "seconds": time.time() - t0, "config": config.model_dump(mode="json")}
+
+
+def _summarise(columns: dict[str, dict[str, list[float]]], infos) -> dict:
     per_matrix = {col: {n: sum(v) / len(v) for n, v in vals.items()} for col, vals in columns.items()}
     order = list(columns)
-    by_role: dict[str, dict[str, float]] = {}
+    by_role: dict[str, dict[str, list[float]]] = {}
     for m in infos:
         for col in order:
             by_role.setdefault(m.role, {}).setdefault(col, []).append(per_matrix[col][m.name])
     by_role = {role: {col: sum(v) / len(v) for col, v in cols.items()} for role, cols in by_role.items()}
-    return {"pairs": str(dataset.path), "model": dataset.manifest["proxy"]["model_id"], "split": config.split,
-            "pairs_evaluated": pairs, "matrices": len(infos),
-            "bank": config.bank, "bank_kinds": bank.kinds if bank else None, "bank_transfer": bank.transfer if bank else None,
-            "bank_calibration": calibration, "columns": order,
-            "by_role": by_role, "per_matrix": per_matrix, "seconds": time.time() - t0,
-            "config": config.model_dump(mode="json")}
+    return {"columns": order, "by_role": by_role, "per_matrix": per_matrix}
 
 
 def format_eval(result: dict) -> str:
     cols = result["columns"]
-    lines = [f"held-out cosine to the true full gradient, mean over {result['matrices']} matrices x "
-             f"{result['pairs_evaluated']} pairs of {result['pairs']} (split {result['split']}); "
-             f"ceiling = best rank-r (truncated SVD)",
+    what = "held-out" if result["split"] != "facts" else "forget-fact"
+    lines = [f"{what} cosine to the true full gradient, mean over {result['matrices']} matrices x "
+             f"{result['pairs_evaluated']} {'pairs of ' if result['split'] != 'facts' else ''}{result['pairs']} "
+             f"(split {result['split']}); ceiling = best rank-r (truncated SVD)",
              f"{'role':<10}" + "".join(f"{c:>11}" for c in cols)]
     for role, vals in result["by_role"].items():
         lines.append(f"{role:<10}" + "".join(f"{vals[c]:>11.3f}" for c in cols))

@@ -37,6 +37,8 @@ class DemoConfig(BaseModel):
     # the flops per step, too slow for a 15-minute demo on two CPU cores.
     decoder_kind: str = Field("activation", description="decoder kind (see `r2f train`)")
     train_epochs: int = Field(1, ge=1)
+    token_weight_facts: int = Field(48, ge=0, description="facts whose answer gradients fit the activation bank's token "
+                                                          "weights (`r2f token-weights`); 0 skips")
     train_batch_size: int = Field(2, ge=1, description="pairs per worker step; each holds every matrix's dense gradient")
     train_workers: int = Field(2, ge=1, description="Ray Train workers (DeepSpeed data parallel)")
     zero_stage: int = Field(2, ge=0, le=3)
@@ -97,6 +99,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
         pairs = stages.run("1. pairs: Ray Data on the proxy", lambda: _pairs(config, out, progress))
         bank = stages.run("2. decoders: Ray Train + DeepSpeed", lambda: _train(config, out))
         loaded = assets.load_default_model()
+        bank["token_weights"] = stages.run("   token weights: answer gradients of the proxy",
+                                           lambda: _token_weights(config, bank["output"], loaded))
         facts = stages.run("   measure which facts the model knows",
                            lambda: known_facts(loaded.model, loaded.tokenizer, fact_pool(),
                                                config.forget_facts + config.eval_facts, seed=0))
@@ -138,6 +142,23 @@ def _train(config: DemoConfig, out: Path) -> dict:
                                        zero_stage=config.zero_stage))
     print(format_summary(summary))
     return {**summary, "reused": False}
+
+
+def _token_weights(config: DemoConfig, bank_dir: str, loaded) -> dict:
+    from r2f_ray.core.bank import DecoderBank
+    from r2f_ray.decoder_eval import fit_token_weights_on_facts
+
+    bank = DecoderBank.load(bank_dir, loaded.model_id, loaded.weights_sha256)
+    if "token_weights" in bank.info:
+        print(f"reusing the token weights of {bank_dir}")
+        return bank.info["token_weights"]
+    if not bank.needs_acts or config.token_weight_facts == 0:
+        print("no token weights (the bank has no activation decoders, or token_weight_facts is 0)")
+        return {}
+    fit_token_weights_on_facts(bank, loaded, config.token_weight_facts)
+    bank.save(bank_dir, overwrite=True)
+    print(f"fitted the token weights of {bank_dir} on {bank.info['token_weights']['data']}")
+    return bank.info["token_weights"]
 
 
 def _serve(config: DemoConfig, out: Path, bank: str, facts) -> dict:

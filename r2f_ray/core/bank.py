@@ -22,7 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from r2f_ray.config import TransferMode
-from r2f_ray.core.decoders import DecoderSet, input_covariance
+from r2f_ray.core.capture import capture_gradients
+from r2f_ray.core.decoders import (TOKEN_FEATURES, DecoderSet, activation_stats, fit_token_coefficients, input_covariance,
+                                   token_features)
 from r2f_ray.core.lora import LoraSpec
 from r2f_ray.core.targets import MatrixInfo, resolve_targets
 from r2f_ray.io import atomic_dir
@@ -117,6 +119,7 @@ class DecoderBank:
                     for i, name in enumerate(group.names):
                         src_key, j = self.decoders.where[mapping[name]]
                         group.mix_logit[i].copy_(self.decoders.groups[src_key].mix_logit[j])
+                        group.token_coef[i].copy_(self.decoders.groups[src_key].token_coef[j])
         _init_from_covariance(decoders, {n: covariances[n] for n in needs_cov} if needs_cov else {}, ridge)
         info = {"trained": False, "transfer": {"mode": "by_role_depth", "from_model": self.model_id,
                                                "from_weights_sha256": self.weights_sha256, "mapping": mapping}}
@@ -126,6 +129,43 @@ class DecoderBank:
     def needs_acts(self) -> bool:
         """True when some decoder reads the request's input activation statistics (``decode(..., acts=)``)."""
         return self.decoders.needs_acts
+
+    def request_stats(self, name: str, views: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """``activation_stats`` of one request's inputs to matrix ``name`` over its views, each a pair
+        (x [T, d_in] over the tokens that carry gradient, scored [T] bool), every token weighted by the
+        matrix's token weights (as it comes where none were fitted)."""
+        key, i = self.decoders.where[name]
+        a0 = self.decoders.groups[key].a0[i]
+        x = torch.cat([v[0] for v in views]).to(a0.device)
+        features = torch.cat([token_features(v[0], v[1]) for v in views]).to(a0.device)
+        return activation_stats(x, a0, self.decoders.token_weights(name, features))
+
+    def fit_token_weights(self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                          data: str, batch_size: int = 8, ridge: float = 1e-3) -> dict[str, Tensor]:
+        """Fit the token weights of every activation decoder on exact gradients of ``model`` (the bank's
+        proxy) over labelled sequences, e.g. question/answer chats with the loss on the answer, the form
+        of forget requests. ``data`` says what they are, for the manifest. Returns the coefficients."""
+        names = [m.name for m in self.matrices if self.decoders.groups[self.decoders.where[m.name][0]].needs_acts]
+        if not names:
+            raise ValueError(f"the bank has no activation decoders (kinds {self.kinds}): token weights do not apply")
+        device = next(model.parameters()).device
+        features: dict[str, list[Tensor]] = {n: [] for n in names}
+        energies: dict[str, list[Tensor]] = {n: [] for n in names}
+        for start in range(0, len(input_ids), batch_size):
+            part = slice(start, start + batch_size)
+            cap = capture_gradients(model, input_ids[part].to(device), attention_mask[part].to(device),
+                                    labels[part].to(device), targets=names)
+            for b in range(cap.batch_size):
+                scored = cap.scored_tokens(b)
+                for n in names:
+                    x, d = cap.factors(n, b)
+                    features[n].append(token_features(x, scored).cpu())
+                    energies[n].append(d.double().pow(2).sum(-1).cpu())
+        coefficients = {n: fit_token_coefficients(features[n], energies[n], ridge) for n in names}
+        self.decoders.set_token_coefficients(coefficients)
+        self.info["token_weights"] = {"data": data, "sequences": len(input_ids), "features": list(TOKEN_FEATURES),
+                                      "matrices": len(names), "ridge": ridge}
+        return coefficients
 
     @torch.no_grad()
     def decode(self, lora_grads: dict[str, tuple[Tensor, Tensor]],
@@ -224,6 +264,7 @@ class DecoderBank:
         decoders = DecoderSet(matrices, bank_spec, manifest["kinds"], manifest.get("options") or {})
         state = load_file(str(path / WEIGHTS))
         missing, unexpected = decoders.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith(".token_coef")]  # banks from before token weights: none fitted
         if missing or unexpected:
             raise ValueError(f"{path}: decoder weights do not match the manifest (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}); the bank is damaged, retrain it")

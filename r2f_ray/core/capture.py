@@ -37,14 +37,20 @@ def example_nll(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tens
     return total / valid.sum(dim=1).clamp_min(1) if reduction == "mean" else total
 
 
+def scored_positions(labels: Tensor) -> Tensor:
+    """Positions whose next-token prediction is in the loss, [B, T] bool (position t predicts label t+1)."""
+    scored = torch.zeros_like(labels, dtype=torch.bool)
+    scored[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return scored
+
+
 def supervised_token_mask(attention_mask: Tensor, labels: Tensor) -> Tensor:
     """Tokens whose layer inputs and output-gradients can be non-zero, [B, T] bool.
 
     Padding is excluded (its outputs reach no loss under the attention mask), and so is every position
     after the last one that predicts a labelled token (under causal attention they reach no loss).
     """
-    predicts_label = torch.zeros_like(attention_mask, dtype=torch.bool)
-    predicts_label[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    predicts_label = scored_positions(labels)
     if not bool(predicts_label.any(dim=1).all()):
         empty = (~predicts_label.any(dim=1)).nonzero().flatten().tolist()
         raise ValueError(f"examples {empty} have no labelled tokens: every label is -100 (answer empty or truncated away)")
@@ -59,7 +65,8 @@ class Capture:
 
     ``inputs[name]`` is X for the whole batch, [B, T, d_in]; modules that read the same tensor (q, k, v;
     gate, up) share one object, so it is held once. ``output_grads[name]`` is D, [B, T, d_out].
-    ``token_mask`` selects the tokens that carry gradient; ``loss`` is the per-example loss [B].
+    ``token_mask`` selects the tokens that carry gradient; ``loss`` is the per-example loss [B];
+    ``scored`` marks the positions whose prediction is in the loss [B, T] (``scored_positions``).
     ``extra_grads`` holds gradients of any extra parameters asked for (e.g. LoRA adapters).
     """
 
@@ -68,6 +75,7 @@ class Capture:
     output_grads: dict[str, Tensor]
     token_mask: Tensor
     loss: Tensor
+    scored: Tensor
     extra_grads: dict[str, Tensor] = field(default_factory=dict)
 
     @property
@@ -78,6 +86,10 @@ class Capture:
         """(X, D) of one example, restricted to the tokens that carry gradient: [T_b, d_in], [T_b, d_out]."""
         keep = self.token_mask[example]
         return self.inputs[name][example][keep], self.output_grads[name][example][keep]
+
+    def scored_tokens(self, example: int) -> Tensor:
+        """``scored`` of one example over the tokens ``factors`` returns, [T_b] bool."""
+        return self.scored[example][self.token_mask[example]]
 
     def dense(self, name: str, example: int | None = None) -> Tensor:
         """Dense fp32 gradient G = D^T X of one example, or of the batch (the sum) when example is None."""
@@ -150,4 +162,4 @@ def capture_gradients(
     extra_grads = {}
     for (k, p), g in zip(extra.items(), grads[len(matrices):]):
         extra_grads[k] = g if g is not None else torch.zeros_like(p)
-    return Capture(matrices, inputs, output_grads, token_mask, per_example.detach(), extra_grads)
+    return Capture(matrices, inputs, output_grads, token_mask, per_example.detach(), scored_positions(labels), extra_grads)

@@ -16,8 +16,11 @@ Kinds (``DECODERS``; adding one is a class plus an entry):
   carries the row space of G); rank up to 2r.
 - ``activation``: the posterior mean of G given grad_B under a Gaussian prior on the rows of G whose
   covariance mixes the proxy's E[G^T G] (the prior behind the ridge lift) with the request's own input
-  activations X^T X (rows of G = D^T X lie in the row space of X). The activation statistics come from
-  forward passes only; the mixing weight is calibrated per matrix on proxy pairs. Needs ``acts``.
+  activations X^T diag(w) X (rows of G = D^T X lie in the row space of X). The activation statistics come
+  from forward passes only; the mixing weight is calibrated per matrix on proxy pairs. Token weights w_t
+  estimate each token's gradient energy |D_t|^2 from forward-only features (``token_features``) with
+  coefficients fitted per matrix on exact proxy gradients; without them every token counts as is.
+  Needs ``acts``.
 - ``sketch``: the two-sided randomized sketch reconstruction. With Y = grad_B = s G A0^T (range
   sketch) and W = grad_A = s B0^T G (co-range sketch), Q = orth(Y) and G ~= Q (s B0^T Q)^+ W, exact
   when rank(G) <= r; a learned ridge keeps the small solve stable and a learned lift ``grad_B @ R``
@@ -89,18 +92,57 @@ class RidgeStats:
         return torch.linalg.solve(self.gram + ridge * scale[:, None, None] * eye, self.cross).float()
 
 
-def activation_stats(x: Tensor, a0: Tensor) -> tuple[Tensor, Tensor]:
+def activation_stats(x: Tensor, a0: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Forward-only statistics of a matrix's inputs for the ``activation`` decoder.
 
     ``x`` [..., T, d_in] are the inputs over the tokens that carry gradient (zero rows add nothing),
-    ``a0`` [r, d_in] the recorded LoRA init. With C = X^T X / tr(X^T X), returns
+    ``a0`` [r, d_in] the recorded LoRA init, ``weights`` [..., T] optional per-token weights w_t (see
+    ``token_features``). With C = X^T diag(w) X / tr(X^T diag(w) X), returns
     ``(A0 C A0^T [..., r, r], A0 C [..., r, d_in])`` in fp32: C itself (d_in x d_in) is never formed.
     """
     x = x.double()
     z = x @ a0.double().transpose(-1, -2)  # [..., T, r]
-    total = x.pow(2).sum(dim=(-2, -1)).clamp_min(_EPS)[..., None, None]
-    zt = z.transpose(-1, -2)
+    w = torch.ones_like(x[..., 0]) if weights is None else weights.double().to(x.device)
+    total = (w * x.pow(2).sum(-1)).sum(-1).clamp_min(_EPS)[..., None, None]
+    zt = (z * w[..., None]).transpose(-1, -2)
     return (zt @ z / total).float(), (zt @ x / total).float()
+
+
+# Per-token features of the activation prior's token weights (``token_features``).
+TOKEN_FEATURES = ("log_norm", "first", "scored", "log_scored_after", "log_to_first_scored")
+
+
+def token_features(x: Tensor, scored: Tensor) -> Tensor:
+    """Forward-only features [T, F] of one sequence's gradient-carrying tokens, in ``TOKEN_FEATURES`` order.
+
+    ``x`` [T, d_in] are the tokens' inputs to the matrix, ``scored`` [T] bool whether a token's next-token
+    prediction is in the loss. Features: log |x_t|^2, first token (the attention sink), scored, log(1 + scored
+    tokens from t on), log(1 + distance to the first scored token). Positions count relative to the scored
+    span, never from the start of a chat template, so the weights carry over between templates and models.
+    """
+    x = x.double()
+    s = scored.to(torch.float64).to(x.device)
+    pos = torch.arange(len(s), dtype=torch.float64, device=x.device)
+    after = s.flip(0).cumsum(0).flip(0)
+    first = pos[s > 0].min() if bool((s > 0).any()) else pos.new_tensor(float(len(s)))
+    return torch.stack([x.pow(2).sum(-1).clamp_min(_EPS).log(), (pos == 0).double(), s, torch.log1p(after),
+                        torch.log1p((first - pos).clamp_min(0))], dim=-1)
+
+
+def fit_token_coefficients(features: list[Tensor], energies: list[Tensor], ridge: float = 1e-3) -> Tensor:
+    """Coefficients theta [F] of the token weights w_t = exp(theta . phi_t): a least-squares fit of each
+    token's log gradient energy log |D_t|^2 on its features ``phi_t``, within each sequence (both sides
+    centred per sequence: only relative weights matter). ``features`` [T_i, F] and ``energies`` [T_i] per
+    sequence, from exact gradients of a proxy."""
+    rows, targets = [], []
+    for f, e in zip(features, energies):
+        e = e.double()
+        y = e.clamp_min(float(e.max()) * 1e-8 + _EPS).log()
+        rows.append(f.double() - f.double().mean(0))
+        targets.append(y - y.mean())
+    f, y = torch.cat(rows), torch.cat(targets)
+    eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
+    return torch.linalg.solve(f.T @ f + ridge * len(f) * eye, f.T @ y).float()
 
 
 class DecoderGroup(nn.Module):
@@ -278,6 +320,14 @@ class ActivationGroup(DecoderGroup):
         self.register_buffer("prior_gram", torch.zeros(k, self.r, self.r))
         self.register_buffer("prior_cross", torch.zeros(k, self.r, self.d_in))
         self.mix_logit = nn.Parameter(torch.full((k,), math.log(mix / (1 - mix))))
+        # Token weights w_t = exp(token_coef . token_features) in the request's X^T diag(w) X; zero = every
+        # token as it comes (|x_t|^2). Fitted on exact proxy gradients (``fit_token_coefficients``).
+        self.register_buffer("token_coef", torch.zeros(k, len(TOKEN_FEATURES)))
+
+    def token_weights(self, member: int, features: Tensor) -> Tensor:
+        """Per-token weights [T] of member ``member`` for ``token_features`` [T, F] (max weight 1)."""
+        logits = features.double() @ self.token_coef[member].double().to(features.device)
+        return (logits - logits.max()).exp()
 
     def init_covariance(self, cov: Tensor, ridge: float | None = None) -> None:
         """Forward-only prior for a model without pairs: M taken proportional to the input covariance
@@ -495,6 +545,23 @@ class DecoderSet(nn.Module):
     def calibrate(self, scores: dict[str, Tensor]) -> None:
         for key, group_scores in scores.items():
             self.groups[key].set_calibration(group_scores.argmax(dim=-1))
+
+    def token_weights(self, name: str, features: Tensor) -> Tensor | None:
+        """Per-token weights [T] for matrix ``name`` from ``token_features`` [T, F]; None when its decoder
+        reads no activations."""
+        key, i = self.where[name]
+        group = self.groups[key]
+        return group.token_weights(i, features) if group.needs_acts else None
+
+    def set_token_coefficients(self, coefficients: dict[str, Tensor]) -> None:
+        """Set the token-weight coefficients [F] (``fit_token_coefficients``) of activation decoders by name."""
+        for name, theta in coefficients.items():
+            key, i = self.where[name]
+            group = self.groups[key]
+            if not group.needs_acts:
+                raise ValueError(f"{name} has a {group.kind} decoder, which has no token weights")
+            with torch.no_grad():
+                group.token_coef[i].copy_(theta.to(group.token_coef))
 
 
 def fit_local(decoders: DecoderSet, batches: list[dict], steps: int, lr: float = 1e-3, loss: str = "cosine",

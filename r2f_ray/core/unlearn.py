@@ -45,7 +45,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from r2f_ray.core.capture import IGNORE_INDEX, Capture, capture_gradients, example_nll
-from r2f_ray.core.decoders import activation_stats
 from r2f_ray.core.lora import LoraSpec, init_factors, lora_grads_from_factors
 from r2f_ray.core.paraphrase import PARAPHRASERS, contains_answer, make_views
 from r2f_ray.core.targets import MatrixInfo, find_module, resolve_targets
@@ -93,7 +92,7 @@ class UnlearnConfig(BaseModel):
 
 class Decoder(Protocol):
     """A decoder bank: maps per-matrix LoRA gradients to full-gradient estimates. A bank whose
-    ``needs_acts`` is true also takes ``acts=`` (``activation_stats`` of each matrix's inputs)."""
+    ``needs_acts`` is true also takes ``acts=``, each matrix's ``request_stats`` over the request's views."""
 
     spec: LoraSpec
 
@@ -322,15 +321,14 @@ def _per_request_lora(cap: Capture, owner: list[int], n_requests: int, matrices:
     return out
 
 
-def _per_request_acts(cap: Capture, owner: list[int], n_requests: int, matrices: list[MatrixInfo], spec: LoraSpec,
-                      device) -> list[dict[str, tuple[Tensor, Tensor]]]:
-    """Forward-only statistics of each matrix's inputs over each request's views (``activation_stats``)."""
+def _per_request_acts(cap: Capture, owner: list[int], n_requests: int, matrices: list[MatrixInfo], decoder
+                      ) -> list[dict[str, tuple[Tensor, Tensor]]]:
+    """Forward-only statistics of each matrix's inputs over each request's views (``DecoderBank.request_stats``)."""
     out = [{} for _ in range(n_requests)]
     for info in matrices:
-        a0 = init_factors(spec, info)[0].to(device)
         for i in range(n_requests):
-            x = torch.cat([cap.factors(info.name, b)[0] for b, o in enumerate(owner) if o == i])
-            out[i][info.name] = activation_stats(x.float(), a0)
+            views = [(cap.factors(info.name, b)[0].float(), cap.scored_tokens(b)) for b, o in enumerate(owner) if o == i]
+            out[i][info.name] = decoder.request_stats(info.name, views)
     return out
 
 
@@ -380,7 +378,7 @@ class R2F(Method):
         lora = _per_request_lora(cap, owner, len(ctx.requests), ctx.matrices, ctx.spec, ctx.device)
         acts = [None] * len(lora)
         if getattr(ctx.decoder, "needs_acts", False):
-            acts = _per_request_acts(cap, owner, len(ctx.requests), ctx.matrices, ctx.spec, ctx.device)
+            acts = _per_request_acts(cap, owner, len(ctx.requests), ctx.matrices, ctx.decoder)
         decoded = []
         for grads, stats in zip(lora, acts):
             g_hat = ctx.decoder.decode(grads, acts=stats) if stats is not None else ctx.decoder.decode(grads)

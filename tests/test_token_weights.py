@@ -1,0 +1,224 @@
+"""Token weights of the activation prior: features, the weighted statistics, the fit, the bank and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from r2f_ray.assets import tiny_llama, weights_hash
+from r2f_ray.core.bank import WEIGHTS, DecoderBank
+from r2f_ray.core.capture import IGNORE_INDEX
+from r2f_ray.core.decoders import (TOKEN_FEATURES, DecoderSet, activation_stats, fit_local, fit_token_coefficients,
+                                   pair_cosine, token_features)
+from r2f_ray.core.lora import LoraProbe, LoraSpec, init_factors, lora_grads_from_dense, lora_grads_from_factors
+from r2f_ray.core.targets import MatrixInfo
+
+D_OUT, D_IN, R, T = 12, 20, 4, 12
+SCORED = torch.tensor([False] * 7 + [True] * 4 + [False])  # a prompt, a 4-token answer, the last token
+THETA = torch.tensor([0.5, -2.0, 3.0, 1.0, -1.0])
+
+
+def test_weighted_activation_stats_are_the_weighted_input_covariance():
+    x = torch.randn(2, 5, D_IN, dtype=torch.float64)
+    a0 = torch.randn(R, D_IN, dtype=torch.float64)
+    w = torch.rand(2, 5, dtype=torch.float64)
+    gram, cross = activation_stats(x, a0, w)
+    for i in range(2):
+        c = x[i].T @ torch.diag(w[i]) @ x[i]
+        c = c / c.trace()
+        torch.testing.assert_close(gram[i].double(), a0 @ c @ a0.T, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(cross[i].double(), a0 @ c, rtol=1e-5, atol=1e-7)
+    # Unit weights are the unweighted statistics.
+    for a, b in zip(activation_stats(x, a0, torch.ones(2, 5)), activation_stats(x, a0)):
+        torch.testing.assert_close(a, b)
+
+
+def test_token_features_count_from_the_scored_span():
+    x = torch.randn(T, D_IN)
+    f = token_features(x, SCORED)
+    assert f.shape == (T, len(TOKEN_FEATURES))
+    torch.testing.assert_close(f[:, 0], x.double().pow(2).sum(-1).log())
+    assert f[:, 1].tolist() == [1.0] + [0.0] * (T - 1)
+    assert f[:, 2].tolist() == SCORED.double().tolist()
+    after = [4] * 8 + [3, 2, 1, 0]
+    torch.testing.assert_close(f[:, 3], torch.tensor(after, dtype=torch.float64).log1p())
+    to_first = [7, 6, 5, 4, 3, 2, 1] + [0] * 5
+    torch.testing.assert_close(f[:, 4], torch.tensor(to_first, dtype=torch.float64).log1p())
+    # A longer chat template in front changes nothing relative to the answer.
+    g = token_features(torch.randn(T + 3, D_IN), torch.cat([torch.zeros(3, dtype=torch.bool), SCORED]))
+    torch.testing.assert_close(g[3:, 2:4], f[:, 2:4])
+    torch.testing.assert_close(g[-5:, 4], f[-5:, 4])
+
+
+def synthetic_sequences(n: int, seed: int):
+    """Sequences whose per-token gradient energy is exactly exp(THETA . phi_t) (up to a per-sequence
+    scale): (x [T, d_in], d [T, d_out]) pairs."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(T, D_IN, generator=gen, dtype=torch.float64)
+        u = torch.randn(T, D_OUT, generator=gen, dtype=torch.float64)
+        energy = (token_features(x, SCORED) @ THETA.double()).exp()
+        scale = torch.exp(torch.randn(1, generator=gen, dtype=torch.float64) * 2)
+        out.append((x, u / u.norm(dim=1, keepdim=True) * (energy * scale).sqrt()[:, None]))
+    return out
+
+
+def test_fit_recovers_the_coefficients_of_the_gradient_energy():
+    data = synthetic_sequences(16, seed=0)
+    theta = fit_token_coefficients([token_features(x, SCORED) for x, _ in data], [d.pow(2).sum(1) for _, d in data],
+                                   ridge=1e-9)
+    torch.testing.assert_close(theta, THETA, rtol=0, atol=1e-3)
+
+
+def test_fitted_token_weights_decode_closer_than_unweighted_statistics():
+    spec = LoraSpec(r=R)
+    info = MatrixInfo("model.layers.0.mlp.down_proj", 0, "down_proj", D_OUT, D_IN)
+    decoders = DecoderSet([info], spec, "activation")
+    train = synthetic_sequences(16, seed=1)
+    decoders.set_token_coefficients({info.name: fit_token_coefficients(
+        [token_features(x, SCORED) for x, _ in train], [d.pow(2).sum(1) for _, d in train])})
+    a0, b0 = init_factors(spec, info)
+    cos = {"weighted": [], "unweighted": []}
+    for x, d in synthetic_sequences(8, seed=2):
+        x, d = x.float(), d.float()
+        g = d.T @ x
+        grad_a, grad_b = lora_grads_from_dense(g, a0, b0, spec.scaling)
+        weights = decoders.token_weights(info.name, token_features(x, SCORED))
+        for name, acts in (("weighted", activation_stats(x, a0, weights)), ("unweighted", activation_stats(x, a0))):
+            pred = decoders({info.name: (grad_a[None], grad_b[None], None, (acts[0][None], acts[1][None]))})[info.name]
+            cos[name].append(float(pair_cosine(pred[None], g[None, None])))
+    mean = {k: sum(v) / len(v) for k, v in cos.items()}
+    assert mean["weighted"] > mean["unweighted"] + 0.05, mean
+
+
+def test_only_activation_decoders_take_token_weights():
+    spec = LoraSpec(r=R)
+    info = MatrixInfo("model.layers.0.mlp.down_proj", 0, "down_proj", D_OUT, D_IN)
+    linear = DecoderSet([info], spec, "linear")
+    assert linear.token_weights(info.name, torch.zeros(3, len(TOKEN_FEATURES))) is None
+    with pytest.raises(ValueError, match="no token weights"):
+        linear.set_token_coefficients({info.name: THETA})
+
+
+# ---- on a real (tiny, random-weight) model ----
+
+SPEC = LoraSpec(r=4)
+
+
+def qa_batch(n: int, seed: int):
+    """Random 16-token sequences with the loss on their last 4 tokens (an answer after a prompt)."""
+    ids = torch.randint(3, 250, (n, 16), generator=torch.Generator().manual_seed(seed))
+    labels = ids.clone()
+    labels[:, :12] = IGNORE_INDEX
+    return ids, torch.ones_like(ids), labels
+
+
+@pytest.fixture(scope="module")
+def activation_bank(tmp_path_factory):
+    """A closed-form activation bank of tiny Llama (seed 0, the CLI's `--model tiny`), fitted on text gradients."""
+    model, _ = tiny_llama(seed=0)
+    sha = weights_hash(model)  # before the probe wraps the model
+    probe = LoraProbe(model, SPEC)
+    cap = probe.capture(torch.randint(3, 250, (16, 16), generator=torch.Generator().manual_seed(1)))
+    batch = {}
+    for m in probe.matrices:
+        a0 = probe.init[m.name][0]
+        xs = [cap.factors(m.name, b)[0] for b in range(16)]
+        gram, cross = zip(*(activation_stats(x, a0) for x in xs))
+        dense = torch.stack([cap.dense(m.name, b) for b in range(16)])
+        grads = [lora_grads_from_dense(g, a0, probe.init[m.name][1], SPEC.scaling) for g in dense]
+        batch[m.name] = (torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads]), dense,
+                         (torch.stack(gram), torch.stack(cross)))
+    decoders = DecoderSet(probe.matrices, SPEC, "activation")
+    fit_local(decoders, [batch], steps=0)
+    path = tmp_path_factory.mktemp("bank") / "bank"
+    DecoderBank(decoders, "tiny-llama-seed0", sha).save(path)
+    return path
+
+
+def request_cosines(bank: DecoderBank, weighted: bool) -> float:
+    """Mean cosine to the exact gradient over held-out answer sequences, decoded as the engine does."""
+    probe = LoraProbe(tiny_llama(seed=0)[0], SPEC)
+    ids, mask, labels = qa_batch(8, seed=5)
+    cap = probe.capture(ids, mask, labels)
+    out = []
+    for b in range(8):
+        # Per-example LoRA gradients from the factors, as the engine computes them.
+        grads = {m.name: lora_grads_from_factors(*cap.factors(m.name, b), *probe.init[m.name], SPEC.scaling)
+                 for m in probe.matrices}
+        acts = {m.name: bank.request_stats(m.name, [(cap.factors(m.name, b)[0], cap.scored_tokens(b))]) if weighted
+                else activation_stats(cap.factors(m.name, b)[0], probe.init[m.name][0]) for m in probe.matrices}
+        decoded = bank.decode(grads, acts=acts)
+        out += [float(pair_cosine(decoded[m.name][None, None], cap.dense(m.name, b)[None, None])) for m in probe.matrices]
+    return sum(out) / len(out)
+
+
+def test_bank_fits_token_weights_on_answer_gradients_and_keeps_them(activation_bank, tmp_path):
+    bank = DecoderBank.load(activation_bank)
+    before = request_cosines(bank, weighted=True)
+    assert before == pytest.approx(request_cosines(bank, weighted=False), abs=1e-6)  # nothing fitted yet
+    coefficients = bank.fit_token_weights(tiny_llama(seed=0)[0], *qa_batch(24, seed=4), data="random answers")
+    assert set(coefficients) == {m.name for m in bank.matrices}
+    assert bank.info["token_weights"]["sequences"] == 24 and bank.info["token_weights"]["features"] == list(TOKEN_FEATURES)
+    after = request_cosines(bank, weighted=True)
+    assert after > before + 0.02, (before, after)
+    bank.save(tmp_path / "weighted")
+    loaded = DecoderBank.load(tmp_path / "weighted")
+    assert loaded.info["token_weights"]["data"] == "random answers"
+    assert request_cosines(loaded, weighted=True) == pytest.approx(after, abs=1e-6)
+
+
+def test_a_bank_saved_before_token_weights_loads_unweighted(activation_bank, tmp_path):
+    bank = DecoderBank.load(activation_bank)
+    bank.fit_token_weights(tiny_llama(seed=0)[0], *qa_batch(8, seed=4), data="random answers")
+    bank.save(tmp_path / "old")
+    state = load_file(str(tmp_path / "old" / WEIGHTS))
+    save_file({k: v for k, v in state.items() if not k.endswith("token_coef")}, str(tmp_path / "old" / WEIGHTS))
+    old = DecoderBank.load(tmp_path / "old")
+    assert all(float(g.token_coef.abs().sum()) == 0 for g in old.decoders.groups.values())
+    name = old.matrices[0].name
+    x = torch.randn(6, old.matrices[0].d_in)
+    for a, b in zip(old.request_stats(name, [(x, torch.tensor([0, 0, 1, 1, 1, 0], dtype=torch.bool))]),
+                    activation_stats(x, init_factors(SPEC, old.matrices[0])[0])):
+        torch.testing.assert_close(a, b)
+
+
+def r2f(*args):
+    return subprocess.run([sys.executable, "-m", "r2f_ray.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_fits_token_weights_and_evaluates_on_forget_facts(activation_bank, tmp_path):
+    path = activation_bank
+    out = tmp_path / "weighted"
+    proc = r2f("token-weights", "--bank", str(path), "--model", "tiny", "--facts", "8", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "log_scored_after" in proc.stdout and "wrote" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["info"]["token_weights"]["sequences"] == 8
+    assert "region" in manifest["info"]["token_weights"]["data"]
+    proc = r2f("token-weights", "--bank", str(path), "--model", "tiny", "--facts", "8", "--output", str(out))
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+    report = tmp_path / "facts.json"
+    proc = r2f("eval-decoders", "--facts", "2", "--model", "tiny", "--bank", str(out), "--json", str(report), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(report.read_text())
+    assert result["columns"] == ["naive", "bank", "bank, unweighted", "ceiling"] and result["split"] == "facts"
+    for role, cols in result["by_role"].items():
+        assert cols["ceiling"] >= max(cols.values()) - 1e-4, (role, cols)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["token-weights", "--bank", "nowhere", "--facts", "4"], "at least 8"),
+    (["eval-decoders", "--facts", "2", "--pairs", "somewhere", "--bank", "b"], "drop --pairs"),
+    (["eval-decoders", "--facts", "2"], "needs --bank"),
+    (["eval-decoders", "--pairs", "somewhere", "--model", "tiny"], "--model applies to --facts"),
+])
+def test_cli_usage_errors(args, message):
+    proc = r2f(*args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
