@@ -296,12 +296,12 @@ def cmd_token_weights(args: argparse.Namespace) -> int:
 
     if args.facts < 8:
         raise UsageError(f"--facts must be at least 8 (5 coefficients per matrix are fitted), got {args.facts}")
+    if args.output and os.path.exists(args.output):
+        raise UsageError(f"{args.output} already exists; choose a new folder, or omit --output to update {args.bank}")
     relations = tuple(r.strip() for r in args.relations.split(",") if r.strip())
     loaded = assets.load_model(args.model)
     bank = DecoderBank.load(args.bank, loaded.model_id, loaded.weights_sha256)  # the bank's own proxy only
     output = args.output or args.bank
-    if args.output and os.path.exists(args.output):
-        raise UsageError(f"{args.output} already exists; choose a new folder, or omit --output to update {args.bank}")
     coefficients = fit_token_weights_on_facts(bank, loaded, args.facts, relations)
     bank.save(output, overwrite=output == args.bank)
     by_role: dict[str, list] = {}
