@@ -178,6 +178,7 @@ def facts_eval(config: FactEvalConfig, progress: bool = True) -> dict:
     weighted = "token_weights" in bank.info and bank.needs_acts
     columns: dict[str, dict[str, list[float]]] = {c: {} for c in ["naive", "bank", *(["bank, unweighted"] if weighted else []), "ceiling"]}
     plain = DecoderSet(bank.matrices, bank.spec, "naive")
+    inits = {m.name: init_factors(bank.spec, m) for m in bank.matrices}
     for start in tqdm(range(0, len(facts), config.batch_size), desc="eval-decoders: facts", disable=not progress):
         part = slice(start, start + config.batch_size)
         cap = capture_gradients(loaded.model, ids[part], mask[part], labels[part], targets=names)
@@ -185,7 +186,7 @@ def facts_eval(config: FactEvalConfig, progress: bool = True) -> dict:
             lora, acts, unweighted, full = {}, {}, {}, {}
             for m in bank.matrices:
                 x, d = cap.factors(m.name, b)
-                a0, b0 = init_factors(bank.spec, m)
+                a0, b0 = inits[m.name]
                 lora[m.name] = lora_grads_from_factors(x, d, a0, b0, bank.spec.scaling)
                 full[m.name] = d.T.float() @ x.float()
                 if bank.needs_acts:
