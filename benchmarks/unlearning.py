@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--transfer", choices=["same_shapes", "by_role_depth"], help="bank trained on another model")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument("--facts", type=int, default=4, help="forget facts per run")
+    p.add_argument("--fact-offset", type=int, default=0, help="skip this many forget facts (continue an earlier sample)")
     p.add_argument("--neighbours", type=int, default=16)
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--sequential", type=int, default=5, help="facts in the sequential run (0: skip)")
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = EvalConfig(model=args.model, bank=args.bank, transfer=args.transfer, methods=args.methods.split(","),
-                        facts=args.facts, neighbours=args.neighbours, runs=args.runs, sequential=args.sequential,
+                        facts=args.facts, fact_offset=args.fact_offset, neighbours=args.neighbours, runs=args.runs, sequential=args.sequential,
                         views=args.views, rap_steps=args.rap_steps, mia_prompts=args.mia_prompts,
                         unlearn=UnlearnConfig(step=StepConfig(retain_kl_budget=args.kl_budget)))
     t0 = time.time()

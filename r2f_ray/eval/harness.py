@@ -43,6 +43,8 @@ class EvalConfig(BaseModel):
     methods: list[str] = Field(default_factory=lambda: list(ALL_METHODS))
     relations: tuple[str, ...] = ("capital",)
     facts: int = Field(8, ge=1, description="forget facts per run")
+    fact_offset: int = Field(0, ge=0, description="skip this many forget facts first (continue an earlier sample: the "
+                                                   "known facts come in a fixed order, so offset N starts where N facts ended)")
     neighbours: int = Field(16, ge=0, description="other known facts whose retention is measured")
     views: int = Field(5, ge=1, description="update views per fact (original prompt + paraphrases)")
     probes: int = Field(3, ge=1, description="held-out probe paraphrases per fact (APR)")
@@ -147,12 +149,13 @@ def run_evaluation(config: EvalConfig, progress: bool = True, log: Callable[[str
     def restore():
         model.load_state_dict(original)
 
-    need = config.facts * config.runs + config.neighbours + config.sequential
+    need = config.fact_offset + config.facts * config.runs + config.neighbours + config.sequential
     log(f"[evaluate] measuring which {config.relations} facts {loaded.model_id} knows (need {need})")
     known = data.known_facts(model, tok, data.fact_pool(config.relations), need, seed=config.seed)
     neighbours = [(f.prompt, f.answer) for f in known[:config.neighbours]]
-    forget_pool = known[config.neighbours:config.neighbours + config.facts * config.runs]
-    sequential_facts = known[config.neighbours + config.facts * config.runs:]
+    first = config.neighbours + config.fact_offset
+    forget_pool = known[first:first + config.facts * config.runs]
+    sequential_facts = known[first + config.facts * config.runs:]
     probe = Probe(model, tok, config, neighbours, data.heldout_texts(config.heldout_texts))
     log(f"[evaluate] original model: held-out perplexity {probe.ppl0:.2f} ({config.heldout_texts} wiki paragraphs x "
         f"{config.heldout_tokens} tokens), general MC accuracy {probe.mc0:.1f} % ({len(probe.mc)} questions)")
