@@ -150,3 +150,15 @@ def test_harness_end_to_end_writes_json_markdown_and_html(taught, tmp_path):
     assert "data:image/png;base64," in open(paths["html"]).read()
     assert markdown_table(result).splitlines()[0].startswith("Model tiny-taught")
     assert "<table>" in html_report(result)
+
+
+def test_fact_offset_continues_the_same_fact_sample(taught):
+    """Known facts come in a fixed order, so offset N forgets the facts a run of N more facts would have reached."""
+    model, tok, _ = taught
+    loaded = LoadedModel(copy.deepcopy(model), tok, "tiny-taught", weights_hash(model))
+    known = data.known_facts(model, tok, data.fact_pool(), 4, seed=0)
+    config = EvalConfig(model="tiny", methods=["exact_multiview"], facts=1, fact_offset=1, neighbours=2, views=2, probes=1,
+                        mia_prompts=2, heldout_texts=1, mc_questions=1, rap_steps=0, lora=LoraSpec(r=4),
+                        unlearn=UnlearnConfig(step=StepConfig(retain_kl_budget=3.0, grid_max=10.24)))
+    result = run_evaluation(config, progress=False, log=lambda m: None, loaded=loaded)
+    assert [r["fact"] for r in result["rows"]] == [f"{known[3].subject}:{known[3].relation}"]
