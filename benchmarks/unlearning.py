@@ -10,6 +10,11 @@ and peak memory per deletion. Then facts forgotten one after another (USR, GUR, 
 
 Without --bank, R2F uses the naive decoder (grad_B @ A0, no training); a trained bank comes from the
 decoder stage (`--bank PATH`).
+
+A sample too long for one sitting is run in parts (`--fact-offset N` continues after N facts) and merged
+into one table; `:METHODS` takes only those methods from a part:
+
+    .venv/bin/python benchmarks/unlearning.py --merge A/result.json:exact_multiview B/result.json --out C
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from r2f_ray.core.unlearn import StepConfig, UnlearnConfig  # noqa: E402
-from r2f_ray.eval.harness import ALL_METHODS, EvalConfig, run_evaluation  # noqa: E402
+from r2f_ray.eval.harness import ALL_METHODS, EvalConfig, merge_results, run_evaluation  # noqa: E402
 from r2f_ray.eval.report import markdown_table, write_reports  # noqa: E402
 
 
@@ -47,7 +52,16 @@ def main(argv=None) -> int:
     p.add_argument("--kl-budget", type=float, default=StepConfig().retain_kl_budget)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default="benchmarks/results/unlearning", help="folder for result.json, report.md, report.html")
+    p.add_argument("--merge", nargs="+", metavar="RESULT[:METHODS]",
+                   help="merge the result.json files of runs that continue one fact sample (no new deletions)")
     args = p.parse_args(argv)
+    if args.merge:
+        result = merge_results([read_part(spec) for spec in args.merge])
+        result["command"] = "python benchmarks/unlearning.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        paths = write_reports(result, args.out)
+        print(markdown_table(result))
+        print(f"\nmerged {len(args.merge)} results; wrote {json.dumps(paths)}")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     config = EvalConfig(model=args.model, bank=args.bank, transfer=args.transfer, methods=args.methods.split(","),
@@ -63,6 +77,20 @@ def main(argv=None) -> int:
     print(markdown_table(result))
     print(f"\nwall time {time.time() - t0:.0f} s; wrote {json.dumps(paths)}")
     return 0
+
+
+def read_part(spec: str) -> dict:
+    """A result.json, optionally narrowed to some of its methods (``PATH:m1,m2``)."""
+    path, _, methods = spec.partition(":")
+    result = json.loads(Path(path).read_text())
+    if methods:
+        keep = methods.split(",")
+        missing = [m for m in keep if m not in result["config"]["methods"]]
+        if missing:
+            raise SystemExit(f"{path} has no rows of {missing} (it ran {result['config']['methods']})")
+        result["config"] = {**result["config"], "methods": keep}
+        result["rows"] = [r for r in result["rows"] if r["method"] in keep]
+    return result
 
 
 if __name__ == "__main__":

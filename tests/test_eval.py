@@ -162,3 +162,33 @@ def test_fact_offset_continues_the_same_fact_sample(taught):
                         unlearn=UnlearnConfig(step=StepConfig(retain_kl_budget=3.0, grid_max=10.24)))
     result = run_evaluation(config, progress=False, log=lambda m: None, loaded=loaded)
     assert [r["fact"] for r in result["rows"]] == [f"{known[3].subject}:{known[3].relation}"]
+
+
+def _part(methods, facts, bank="bank-a", budget=0.1, forgotten=()):
+    rows = [{"method": m, "run": 0, "fact": f, "rejected": f not in forgotten, "answered_before": True,
+             "answered_after": f not in forgotten, "probes_before": [True], "probes_after": [f not in forgotten],
+             "step": 0.1} for m in methods for f in facts]
+    return {"what": "test", "model": "m", "weights_sha256": "00", "bank": bank, "rows": rows, "table": {}, "wall_s": 1.0,
+            "config": {"methods": methods, "bank": bank, "facts": len(facts), "fact_offset": 0, "runs": 1,
+                       "retain_kl_budget": budget}}
+
+
+def test_merge_results_builds_one_table_from_continuing_parts_and_refuses_the_rest():
+    from r2f_ray.eval.harness import merge_results
+
+    first = _part(["r2f", "exact_multiview"], ["a", "b"], forgotten={"a"})
+    second = _part(["r2f", "exact_multiview"], ["c", "d"], forgotten={"c", "d"})
+    merged = merge_results([first, second])
+    assert merged["table"]["r2f"]["usr"]["mean"] == pytest.approx(75.0)  # 3 of 4 facts
+    assert merged["table"]["r2f"]["deletions"] == 4 and merged["table"]["r2f"]["rejected"] == 1
+    assert [p["facts"] for p in merged["parts"]] == [2, 2]
+    only_exact = _part(["exact_multiview"], ["c"])
+    assert merge_results([first, only_exact])["table"]["exact_multiview"]["deletions"] == 3
+    with pytest.raises(ValueError, match="share facts"):
+        merge_results([first, first])
+    with pytest.raises(ValueError, match="protocol settings"):
+        merge_results([first, _part(["r2f"], ["c"], budget=0.2)])
+    with pytest.raises(ValueError, match="different banks"):
+        merge_results([first, _part(["r2f"], ["c"], bank="bank-b")])
+    with pytest.raises(ValueError, match="at least two"):
+        merge_results([first])

@@ -137,6 +137,52 @@ def _aggregate(rows: list[dict], runs: int) -> dict:
     return table
 
 
+# Config fields that may differ between the parts of one merged sample (see merge_results).
+_PART_FIELDS = {"facts", "fact_offset", "methods", "bank", "sequential_methods"}
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One table from runs that continue each other's fact sample (``fact_offset``), e.g. facts 0-19 and
+    20-49 run apart. Per method, rows come from every part that ran it; the parts must agree on the model,
+    its weights and every protocol setting, a method's parts must not share a fact, and a decoding method's
+    parts must share the bank. Single-run parts only (the table's std is then over facts of one run)."""
+    if len(parts) < 2:
+        raise ValueError("merge needs at least two results")
+    first = parts[0]
+    for part in parts:
+        if (part["model"], part["weights_sha256"]) != (first["model"], first["weights_sha256"]):
+            raise ValueError(f"results of different models: {first['model']} vs {part['model']}")
+        if part["config"].get("runs", 1) != 1:
+            raise ValueError("merge takes single-run results (runs=1)")
+        differ = {k for k in set(part["config"]) | set(first["config"]) if k not in _PART_FIELDS
+                  and part["config"].get(k) != first["config"].get(k)}
+        if differ:
+            raise ValueError(f"the results differ in protocol settings {sorted(differ)}: they are not one sample")
+    rows, sources = [], {}
+    for part in parts:
+        for method in part["config"]["methods"]:
+            mine = [r for r in part["rows"] if r["method"] == method]
+            seen = {r["fact"] for r in rows if r["method"] == method}
+            if seen & {r["fact"] for r in mine}:
+                raise ValueError(f"{method}: the results share facts ({sorted(seen & {r['fact'] for r in mine})[:3]}); "
+                                 "merge continuations (fact_offset), not repeats")
+            if METHODS[method].needs_decoder and sources.get(method, part["config"]["bank"]) != part["config"]["bank"]:
+                raise ValueError(f"{method} ran with different banks: {sources[method]} vs {part['config']['bank']}")
+            sources.setdefault(method, part["config"]["bank"])
+            rows += mine
+    merged = {k: v for k, v in first.items() if k not in ("rows", "table", "sequential", "membership", "wall_s", "command")}
+    merged.update({"what": first["what"] + f"; merged from {len(parts)} results that continue one fact sample",
+                   "bank": sources.get("r2f", first["bank"]), "rows": rows, "table": _aggregate(rows, 1),
+                   "parts": [{"command": p.get("command"), "methods": p["config"]["methods"], "bank": p["config"]["bank"],
+                              "fact_offset": p["config"].get("fact_offset", 0), "facts": p["config"]["facts"],
+                              "wall_s": p.get("wall_s")} for p in parts],
+                   "wall_s": sum(p.get("wall_s", 0) for p in parts)})
+    merged["config"] = {**first["config"], "methods": list(dict.fromkeys(r["method"] for r in rows)),
+                        "facts": max(sum(1 for r in rows if r["method"] == m) for m in dict.fromkeys(r["method"] for r in rows)),
+                        "fact_offset": 0}
+    return merged
+
+
 def run_evaluation(config: EvalConfig, progress: bool = True, log: Callable[[str], None] = print,
                    loaded: assets.LoadedModel | None = None) -> dict:
     """Run the protocol; ``loaded`` replaces ``config.model`` (a model already in memory)."""
