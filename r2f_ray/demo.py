@@ -38,7 +38,7 @@ class DemoConfig(BaseModel):
     decoder_kind: str = Field("activation", description="decoder kind (see `r2f train`)")
     train_epochs: int = Field(1, ge=1)
     token_weight_facts: int = Field(48, ge=0, description="facts whose answer gradients fit the activation bank's token "
-                                                          "weights (`r2f token-weights`); 0 skips")
+                                                          "weights after training (`r2f token-weights`); 0 skips, else >= 8")
     train_batch_size: int = Field(2, ge=1, description="pairs per worker step; each holds every matrix's dense gradient")
     train_workers: int = Field(2, ge=1, description="Ray Train workers (DeepSpeed data parallel)")
     zero_stage: int = Field(2, ge=0, le=3)
@@ -58,6 +58,9 @@ class DemoConfig(BaseModel):
             raise ValueError(f"pair_examples x heldout_fraction = {self.pair_examples * self.heldout_fraction:g} held-out "
                              f"examples is too few for {self.train_workers} training workers: raise pair_examples "
                              f"or heldout_fraction (need >= {2 * self.train_workers})")
+        if 0 < self.token_weight_facts < 8:
+            raise ValueError(f"token_weight_facts={self.token_weight_facts}: fit on at least 8 facts (5 coefficients per "
+                             "matrix), or 0 to skip token weights")
         return self
 
 
@@ -99,8 +102,6 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
         pairs = stages.run("1. pairs: Ray Data on the proxy", lambda: _pairs(config, out, progress))
         bank = stages.run("2. decoders: Ray Train + DeepSpeed", lambda: _train(config, out))
         loaded = assets.load_default_model()
-        bank["token_weights"] = stages.run("   token weights: answer gradients of the proxy",
-                                           lambda: _token_weights(config, bank["output"], loaded))
         facts = stages.run("   measure which facts the model knows",
                            lambda: known_facts(loaded.model, loaded.tokenizer, fact_pool(),
                                                config.forget_facts + config.eval_facts, seed=0))
@@ -139,26 +140,11 @@ def _train(config: DemoConfig, out: Path) -> dict:
         return {"output": str(bank_dir), "reused": True}
     summary = run_training(TrainConfig(pairs=str(out / "pairs"), output=str(bank_dir), kind=config.decoder_kind,
                                        epochs=config.train_epochs, batch_size=config.train_batch_size, num_workers=config.train_workers,
-                                       zero_stage=config.zero_stage))
+                                       zero_stage=config.zero_stage,
+                                       token_weight_model="default" if config.token_weight_facts else None,
+                                       token_weight_facts=config.token_weight_facts or 48))
     print(format_summary(summary))
     return {**summary, "reused": False}
-
-
-def _token_weights(config: DemoConfig, bank_dir: str, loaded) -> dict:
-    from r2f_ray.core.bank import DecoderBank
-    from r2f_ray.decoder_eval import fit_token_weights_on_facts
-
-    bank = DecoderBank.load(bank_dir, loaded.model_id, loaded.weights_sha256)
-    if "token_weights" in bank.info:
-        print(f"reusing the token weights of {bank_dir}")
-        return bank.info["token_weights"]
-    if not bank.needs_acts or config.token_weight_facts == 0:
-        print("no token weights (the bank has no activation decoders, or token_weight_facts is 0)")
-        return {}
-    fit_token_weights_on_facts(bank, loaded, config.token_weight_facts)
-    bank.save(bank_dir, overwrite=True)
-    print(f"fitted the token weights of {bank_dir} on {bank.info['token_weights']['data']}")
-    return bank.info["token_weights"]
 
 
 def _serve(config: DemoConfig, out: Path, bank: str, facts) -> dict:

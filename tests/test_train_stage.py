@@ -23,11 +23,14 @@ from r2f_ray.pairdata import build_manifest, encode_records, input_owners, recor
 from r2f_ray.pipeline.train import STATE, TrainConfig, check_config, run_training
 
 
-def write_tiny_pairs(path: Path, spec: LoraSpec, n: int = 24, tokens: int = 16, heldout_fraction: float = 0.25) -> Path:
-    """A committed pair dataset (the layout `r2f pairs` writes) from real captures on the tiny model."""
-    from r2f_ray.assets import tiny_llama
+def write_tiny_pairs(path: Path, spec: LoraSpec, n: int = 24, tokens: int = 16, heldout_fraction: float = 0.25,
+                     weights_sha256: str | None = None) -> Path:
+    """A committed pair dataset (the layout `r2f pairs` writes) from real captures on the tiny model (`--model tiny`);
+    ``weights_sha256`` overrides the recorded proxy hash."""
+    from r2f_ray.assets import tiny_llama, weights_hash
 
     model, _ = tiny_llama(0)
+    sha = weights_sha256 or weights_hash(model)  # before the probe wraps the model
     probe = LoraProbe(model, spec)
     ids = torch.randint(3, 250, (n, tokens), generator=torch.Generator().manual_seed(0))
     cap = probe.capture(ids)
@@ -35,7 +38,7 @@ def write_tiny_pairs(path: Path, spec: LoraSpec, n: int = 24, tokens: int = 16, 
     meta = [{"pair_id": f"ex{i}", "example_ids": [f"ex{i}"], "split_key": f"ex{i}",
              "text_sha256": [hashlib.sha256(bytes(ids[i].tolist())).hexdigest()]} for i in range(n)]
     records = records_from_capture(cap, [[i] for i in range(n)], meta, owners)
-    manifest = build_manifest(model_id="tiny-llama", weights_sha256="0" * 64, spec=spec, matrices=probe.matrices,
+    manifest = build_manifest(model_id="tiny-llama", weights_sha256=sha, spec=spec, matrices=probe.matrices,
                               input_owner=owners, mode="single", storage="factors", dtype="float32", tokens=tokens,
                               packing="truncate", heldout_fraction=heldout_fraction)
     (path / "data" / "shard-0").mkdir(parents=True)
@@ -66,6 +69,14 @@ def test_config_errors_are_caught_before_ray_starts(pairs_zero_offset, tmp_path)
     (tmp_path / "bank").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
         check_config(TrainConfig(**base))
+
+
+def test_token_weights_on_another_model_than_the_proxy_are_refused_before_training(tmp_path):
+    pairs = write_tiny_pairs(tmp_path / "std", LoraSpec(r=4), n=6, weights_sha256="0" * 64)
+    config = TrainConfig(pairs=str(pairs), output=str(tmp_path / "bank"), kind="activation", token_weight_model="tiny")
+    with pytest.raises(ValueError, match="is not the pairs' proxy"):
+        run_training(config)
+    assert not (tmp_path / "bank").exists() and not (tmp_path / "bank.runs").exists()
 
 
 def test_two_sided_kind_on_standard_pairs_is_refused(tmp_path):
@@ -130,7 +141,13 @@ def test_two_worker_deepspeed_run_survives_a_killed_worker_and_resumes(ray_sessi
     mean = lambda key: sum(baselines[n][key] for n in per_matrix) / len(per_matrix)  # noqa: E731
     assert mean("naive") + 0.1 < sum(per_matrix.values()) / len(per_matrix) < mean("ceiling")
 
-    # A rerun with more epochs resumes from the run's latest checkpoint (epoch 3) instead of starting over.
-    more = run_training(config.model_copy(update={"epochs": 4}), overwrite=True)
+    # A rerun with more epochs resumes from the run's latest checkpoint (epoch 3) instead of starting over;
+    # this time the activation decoders get token weights, fitted on answer gradients of the pairs' proxy.
+    more = run_training(config.model_copy(update={"epochs": 4, "token_weight_model": "tiny", "token_weight_facts": 8}),
+                        overwrite=True)
     assert [h["epoch"] for h in more["history"]] == [1, 2, 3, 4]
+    weighted = DecoderBank.load(output, model_id="tiny-llama", spec=LoraSpec(r=4, init="zero_offset"))
+    assert weighted.info["token_weights"]["sequences"] == 8 and weighted.info["token_weights"]["matrices"] == 2
+    v_group = next(g for g in weighted.decoders.groups.values() if g.kind == "activation")
+    assert float(v_group.token_coef.abs().sum()) > 0
     assert _read_state(output.with_name("bank.runs") / "train" / "checkpoint_epoch_0004")["resumed_at"][-1] == 3

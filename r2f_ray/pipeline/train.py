@@ -73,6 +73,10 @@ class TrainConfig(BaseModel):
     bf16: bool | None = Field(None, description="bf16 training; default: on with GPUs, off on CPU")
     num_to_keep: int = Field(2, ge=1, description="Ray Train checkpoints kept")
     max_failures: int = Field(0, ge=0, description="worker failures Ray Train recovers from in one run")
+    token_weight_model: str | None = Field(
+        None, description="after training, fit the activation decoders' token weights on answer gradients of this "
+                          "model, the pairs' proxy (a model spec, e.g. default; see `r2f token-weights`); None skips")
+    token_weight_facts: int = Field(48, ge=8, description="packaged facts the token weights are fitted on")
     seed: int = 0
 
     def resolved_kinds(self, spec_init: str, roles: list[str]) -> dict[str, str]:
@@ -341,6 +345,7 @@ def run_training(config: TrainConfig, overwrite: bool = False) -> dict:
     from ray.train.torch import TorchTrainer
 
     dataset, matrices, kinds = check_config(config, overwrite)
+    token_weights = _token_weights(config, dataset, matrices, kinds)
     output = Path(config.output).resolve()
     names = [m.name for m in matrices]
     fraction = dataset.manifest["split"]["heldout_fraction"]
@@ -390,11 +395,34 @@ def run_training(config: TrainConfig, overwrite: bool = False) -> dict:
         "heldout": {"per_matrix": best_record["heldout_per_matrix"], "baselines": state["baselines"]},
     }
     bank = DecoderBank(decoders, dataset.manifest["proxy"]["model_id"], dataset.manifest["proxy"]["weights_sha256"], info)
+    if token_weights is not None:
+        bank.decoders.set_token_coefficients(token_weights[0])
+        bank.info["token_weights"] = token_weights[1]
     bank.save(output, overwrite=overwrite)
     return {"output": str(output), "storage": str(storage), "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
             "wall_seconds": wall, "history": info["training"]["history"],
             "per_matrix": best_record["heldout_per_matrix"], "baselines": state["baselines"],
             "matrices": [m.__dict__ for m in matrices], "kinds": kinds}
+
+
+def _token_weights(config: TrainConfig, dataset: PairDataset, matrices, kinds) -> tuple[dict, dict] | None:
+    """Token-weight coefficients of the activation decoders and their record, fitted on the pairs' proxy
+    before training starts (they do not depend on the trained parameters), so a wrong model fails fast."""
+    from r2f_ray import assets
+    from r2f_ray.decoder_eval import fit_token_weights_on_facts
+
+    decoders = DecoderSet(matrices, dataset.spec, kinds, config.options)
+    if not config.token_weight_model or not decoders.needs_acts:
+        return None
+    proxy = dataset.manifest["proxy"]
+    loaded = assets.load_model(config.token_weight_model)
+    if loaded.weights_sha256 != proxy["weights_sha256"]:
+        raise ValueError(f"token_weight_model {config.token_weight_model!r} is not the pairs' proxy {proxy['model_id']!r} "
+                         f"(weights sha256 {loaded.weights_sha256[:12]}... vs {proxy['weights_sha256'][:12]}...): "
+                         "name the model the pairs were generated on")
+    bank = DecoderBank(decoders, proxy["model_id"], proxy["weights_sha256"])
+    coefficients = fit_token_weights_on_facts(bank, loaded, config.token_weight_facts)
+    return coefficients, bank.info["token_weights"]
 
 
 def format_summary(summary: dict) -> str:
