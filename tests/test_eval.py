@@ -170,7 +170,7 @@ def _part(methods, facts, bank="bank-a", budget=0.1, forgotten=()):
              "step": 0.1} for m in methods for f in facts]
     return {"what": "test", "model": "m", "weights_sha256": "00", "bank": bank, "rows": rows, "table": {}, "wall_s": 1.0,
             "config": {"methods": methods, "bank": bank, "facts": len(facts), "fact_offset": 0, "runs": 1,
-                       "retain_kl_budget": budget}}
+                       "retain_kl_budget": budget, "step": "auto", "views": 5}}
 
 
 def test_merge_results_builds_one_table_from_continuing_parts_and_refuses_the_rest():
@@ -182,6 +182,7 @@ def test_merge_results_builds_one_table_from_continuing_parts_and_refuses_the_re
     assert merged["table"]["r2f"]["usr"]["mean"] == pytest.approx(75.0)  # 3 of 4 facts
     assert merged["table"]["r2f"]["deletions"] == 4 and merged["table"]["r2f"]["rejected"] == 1
     assert [p["facts"] for p in merged["parts"]] == [2, 2]
+    assert "- r2f, exact_multiview: facts 1-2 (bank bank-a)" in markdown_table(merged)
     only_exact = _part(["exact_multiview"], ["c"])
     assert merge_results([first, only_exact])["table"]["exact_multiview"]["deletions"] == 3
     with pytest.raises(ValueError, match="share facts"):

@@ -33,6 +33,11 @@ def markdown_table(result: dict) -> str:
     for method, row in result["table"].items():
         lines.append(f"| {method} | " + " | ".join(_fmt(row[k], k) for k, _, _ in COLUMNS)
                      + f" | {row['rejected']}/{row['deletions']} |")
+    if result.get("parts"):
+        lines += ["", f"Merged from {len(result['parts'])} results of one fact sample (each method's rows from the parts "
+                      "that ran it; cosine to exact only where exact ran in the same part):"]
+        lines += [f"- {', '.join(p['methods'])}: facts {p['fact_offset'] + 1}-{p['fact_offset'] + p['facts']} "
+                  f"(bank {p['bank']})" for p in result["parts"]]
     if result.get("sequential"):
         lines += ["", "Sequential run (facts forgotten one after another on one model):", "",
                   "| method | facts | USR % so far | GUR ppl % | neighbours kept % | rejected |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
