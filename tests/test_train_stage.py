@@ -76,6 +76,8 @@ def test_token_weights_on_another_model_than_the_proxy_are_refused_before_traini
     config = TrainConfig(pairs=str(pairs), output=str(tmp_path / "bank"), kind="activation", token_weight_model="tiny")
     with pytest.raises(ValueError, match="is not the pairs' proxy"):
         run_training(config)
+    with pytest.raises(ValueError, match="applies to activation decoders"):
+        run_training(config.model_copy(update={"kind": "linear"}))
     assert not (tmp_path / "bank").exists() and not (tmp_path / "bank.runs").exists()
 
 

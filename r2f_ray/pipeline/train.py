@@ -411,9 +411,12 @@ def _token_weights(config: TrainConfig, dataset: PairDataset, matrices, kinds) -
     from r2f_ray import assets
     from r2f_ray.decoder_eval import fit_token_weights_on_facts
 
-    decoders = DecoderSet(matrices, dataset.spec, kinds, config.options)
-    if not config.token_weight_model or not decoders.needs_acts:
+    if not config.token_weight_model:
         return None
+    decoders = DecoderSet(matrices, dataset.spec, kinds, config.options)
+    if not decoders.needs_acts:
+        raise ValueError(f"token_weight_model applies to activation decoders, and the kinds are {kinds}: "
+                         "train with kind activation (or kinds for some roles), or drop token_weight_model")
     proxy = dataset.manifest["proxy"]
     loaded = assets.load_model(config.token_weight_model)
     if loaded.weights_sha256 != proxy["weights_sha256"]:
