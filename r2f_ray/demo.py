@@ -38,7 +38,7 @@ class DemoConfig(BaseModel):
     decoder_kind: str = Field("activation", description="decoder kind (see `r2f train`)")
     train_epochs: int = Field(1, ge=1)
     token_weight_facts: int = Field(48, ge=0, description="facts whose answer gradients fit the activation bank's token "
-                                                          "weights after training (`r2f token-weights`); 0 skips, else >= 8")
+                                                          "weights after training (activation kind only); 0 skips, else >= 8")
     train_batch_size: int = Field(2, ge=1, description="pairs per worker step; each holds every matrix's dense gradient")
     train_workers: int = Field(2, ge=1, description="Ray Train workers (DeepSpeed data parallel)")
     zero_stage: int = Field(2, ge=0, le=3)
@@ -138,11 +138,12 @@ def _train(config: DemoConfig, out: Path) -> dict:
         DecoderBank.load(bank_dir)  # a finished bank from an earlier run: reuse it
         print(f"reusing the decoder bank in {bank_dir}")
         return {"output": str(bank_dir), "reused": True}
+    token_weights = {"token_weight_model": "default", "token_weight_facts": config.token_weight_facts}
+    if not config.token_weight_facts or config.decoder_kind != "activation":
+        token_weights = {}  # token weights belong to activation decoders
     summary = run_training(TrainConfig(pairs=str(out / "pairs"), output=str(bank_dir), kind=config.decoder_kind,
                                        epochs=config.train_epochs, batch_size=config.train_batch_size, num_workers=config.train_workers,
-                                       zero_stage=config.zero_stage,
-                                       token_weight_model="default" if config.token_weight_facts else None,
-                                       token_weight_facts=config.token_weight_facts or 48))
+                                       zero_stage=config.zero_stage, **token_weights))
     print(format_summary(summary))
     return {**summary, "reused": False}
 
