@@ -292,10 +292,9 @@ def cmd_token_weights(args: argparse.Namespace) -> int:
     from r2f_ray import assets
     from r2f_ray.core.bank import DecoderBank
     from r2f_ray.core.decoders import TOKEN_FEATURES
-    from r2f_ray.decoder_eval import fit_token_weights_on_facts
+    from r2f_ray.decoder_eval import fit_token_weights_on_facts, token_weight_facts
 
-    if args.facts < 8:
-        raise UsageError(f"--facts must be at least 8 (5 coefficients per matrix are fitted), got {args.facts}")
+    token_weight_facts(args.facts)  # a bad count fails before the model loads
     if args.output and os.path.exists(args.output):
         raise UsageError(f"{args.output} already exists; choose a new folder, or omit --output to update {args.bank}")
     relations = tuple(r.strip() for r in args.relations.split(",") if r.strip())

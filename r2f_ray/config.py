@@ -24,6 +24,10 @@ TransferMode = Literal["same_shapes", "by_role_depth"]
 # The model specs every stage accepts (see ``assets.load_model``).
 MODEL_HELP = "'default' (SmolLM2-135M-Instruct), 'gemma3-270m' (optional extra), 'tiny', or a local HF folder"
 
+# The fewest question/answer facts token weights are fitted on: 5 coefficients per matrix
+# (``r2f_ray.core.decoders.TOKEN_FEATURES``).
+MIN_TOKEN_WEIGHT_FACTS = 8
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message says which key and why."""

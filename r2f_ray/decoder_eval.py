@@ -21,7 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from r2f_ray import assets
-from r2f_ray.config import MODEL_HELP, TransferMode
+from r2f_ray.config import MIN_TOKEN_WEIGHT_FACTS, MODEL_HELP, TransferMode
 from r2f_ray.core.bank import DecoderBank
 from r2f_ray.core.capture import capture_gradients
 from r2f_ray.core.decoders import DecoderSet, activation_stats, baseline_cosines, fit_local, pair_cosine
@@ -138,6 +138,9 @@ def qa_sequences(tokenizer, facts: list[assets.Fact], device=None) -> tuple[Tens
 def token_weight_facts(count: int, relations: tuple[str, ...] = TOKEN_WEIGHT_RELATIONS) -> list[assets.Fact]:
     """``count`` packaged country facts of ``relations`` (by default not capitals, the forget set), spread
     evenly over countries and relations: the data token weights are fitted on."""
+    if count < MIN_TOKEN_WEIGHT_FACTS:
+        raise ValueError(f"fit token weights on at least {MIN_TOKEN_WEIGHT_FACTS} facts (5 coefficients per matrix), "
+                         f"got {count}")
     facts = assets.country_facts(relations)
     if count > len(facts):
         raise ValueError(f"only {len(facts)} facts of relations {list(relations)} are packaged; ask for at most that many")
@@ -175,7 +178,7 @@ def facts_eval(config: FactEvalConfig, progress: bool = True) -> dict:
     facts = assets.country_facts()[: config.facts]
     ids, mask, labels = qa_sequences(loaded.tokenizer, facts)
     names = [m.name for m in bank.matrices]
-    weighted = "token_weights" in bank.info and bank.needs_acts
+    weighted = bank.decoders.has_token_weights
     columns: dict[str, dict[str, list[float]]] = {c: {} for c in ["naive", "bank", *(["bank, unweighted"] if weighted else []), "ceiling"]}
     plain = DecoderSet(bank.matrices, bank.spec, "naive")
     inits = {m.name: init_factors(bank.spec, m) for m in bank.matrices}

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from r2f_ray.config import MIN_TOKEN_WEIGHT_FACTS
 from r2f_ray.io import write_json
 
 
@@ -38,7 +39,7 @@ class DemoConfig(BaseModel):
     decoder_kind: str = Field("activation", description="decoder kind (see `r2f train`)")
     train_epochs: int = Field(1, ge=1)
     token_weight_facts: int = Field(48, ge=0, description="facts whose answer gradients fit the activation bank's token "
-                                                          "weights after training (activation kind only); 0 skips, else >= 8")
+                                                          "weights before training (activation kind only); 0 skips")
     train_batch_size: int = Field(2, ge=1, description="pairs per worker step; each holds every matrix's dense gradient")
     train_workers: int = Field(2, ge=1, description="Ray Train workers (DeepSpeed data parallel)")
     zero_stage: int = Field(2, ge=0, le=3)
@@ -58,9 +59,9 @@ class DemoConfig(BaseModel):
             raise ValueError(f"pair_examples x heldout_fraction = {self.pair_examples * self.heldout_fraction:g} held-out "
                              f"examples is too few for {self.train_workers} training workers: raise pair_examples "
                              f"or heldout_fraction (need >= {2 * self.train_workers})")
-        if 0 < self.token_weight_facts < 8:
-            raise ValueError(f"token_weight_facts={self.token_weight_facts}: fit on at least 8 facts (5 coefficients per "
-                             "matrix), or 0 to skip token weights")
+        if 0 < self.token_weight_facts < MIN_TOKEN_WEIGHT_FACTS:
+            raise ValueError(f"token_weight_facts={self.token_weight_facts}: fit on at least {MIN_TOKEN_WEIGHT_FACTS} facts "
+                             "(5 coefficients per matrix), or 0 to skip token weights")
         return self
 
 

@@ -161,10 +161,11 @@ def request_cosines(bank: DecoderBank, weighted: bool) -> float:
 
 def test_bank_fits_token_weights_on_answer_gradients_and_keeps_them(activation_bank, tmp_path):
     bank = DecoderBank.load(activation_bank)
+    assert not bank.decoders.has_token_weights
     before = request_cosines(bank, weighted=True)
     assert before == pytest.approx(request_cosines(bank, weighted=False), abs=1e-6)  # nothing fitted yet
     coefficients = bank.fit_token_weights(tiny_llama(seed=0)[0], *qa_batch(24, seed=4), data="random answers")
-    assert set(coefficients) == {m.name for m in bank.matrices}
+    assert set(coefficients) == {m.name for m in bank.matrices} and bank.decoders.has_token_weights
     assert bank.info["token_weights"]["sequences"] == 24 and bank.info["token_weights"]["features"] == list(TOKEN_FEATURES)
     after = request_cosines(bank, weighted=True)
     assert after > before + 0.02, (before, after)
@@ -214,7 +215,7 @@ def test_cli_fits_token_weights_and_evaluates_on_forget_facts(activation_bank, t
 
 
 @pytest.mark.parametrize("args, message", [
-    (["token-weights", "--bank", "nowhere", "--facts", "4"], "at least 8"),
+    (["token-weights", "--bank", "nowhere", "--facts", "4"], "at least 8 facts"),
     (["eval-decoders", "--facts", "2", "--pairs", "somewhere", "--bank", "b"], "drop --pairs"),
     (["eval-decoders", "--facts", "2"], "needs --bank"),
     (["eval-decoders", "--pairs", "somewhere", "--model", "tiny"], "--model applies to --facts"),

@@ -123,6 +123,8 @@ class DecoderBank:
         _init_from_covariance(decoders, {n: covariances[n] for n in needs_cov} if needs_cov else {}, ridge)
         info = {"trained": False, "transfer": {"mode": "by_role_depth", "from_model": self.model_id,
                                                "from_weights_sha256": self.weights_sha256, "mapping": mapping}}
+        if decoders.has_token_weights:  # carried over with the activation decoders
+            info["token_weights"] = self.info.get("token_weights", "carried over from the bank")
         return DecoderBank(decoders, model_id, weights_sha256, info)
 
     @property

@@ -546,6 +546,11 @@ class DecoderSet(nn.Module):
         for key, group_scores in scores.items():
             self.groups[key].set_calibration(group_scores.argmax(dim=-1))
 
+    @property
+    def has_token_weights(self) -> bool:
+        """True when some activation decoder has fitted (non-zero) token-weight coefficients."""
+        return any(g.needs_acts and bool(g.token_coef.any()) for g in self.groups.values())
+
     def token_weights(self, name: str, features: Tensor) -> Tensor | None:
         """Per-token weights [T] for matrix ``name`` from ``token_features`` [T, F]; None when its decoder
         reads no activations."""

@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
+from r2f_ray.config import MIN_TOKEN_WEIGHT_FACTS
 from r2f_ray.core.bank import DecoderBank
 from r2f_ray.core.decoders import DECODERS, LOSSES, DecoderSet, RidgeStats, baseline_cosines
 from r2f_ray.pairdata import PairDataset, pairs_from_batch, split_of
@@ -74,9 +75,9 @@ class TrainConfig(BaseModel):
     num_to_keep: int = Field(2, ge=1, description="Ray Train checkpoints kept")
     max_failures: int = Field(0, ge=0, description="worker failures Ray Train recovers from in one run")
     token_weight_model: str | None = Field(
-        None, description="after training, fit the activation decoders' token weights on answer gradients of this "
-                          "model, the pairs' proxy (a model spec, e.g. default; see `r2f token-weights`); None skips")
-    token_weight_facts: int = Field(48, ge=8, description="packaged facts the token weights are fitted on")
+        None, description="fit the activation decoders' token weights on answer gradients of this model, the pairs' "
+                          "proxy (a model spec, e.g. default; see `r2f token-weights`), before training starts; None skips")
+    token_weight_facts: int = Field(48, ge=MIN_TOKEN_WEIGHT_FACTS, description="packaged facts the token weights are fitted on")
     seed: int = 0
 
     def resolved_kinds(self, spec_init: str, roles: list[str]) -> dict[str, str]:
