@@ -12,6 +12,12 @@ Two oracle columns bound what any token weighting can buy: ``oracle |D_t|^2`` we
 true gradient energy (the best diagonal weights, which no forward pass knows), and ``oracle G^T G`` uses
 the true row covariance of G itself (not a token weighting at all: the best prior of this form).
 
+For the attention projections (q, k, v) three more columns use the attention pattern
+(``core.attention``): ``attention model`` weights each token by its expected gradient energy under
+isotropic gradients of the attention outputs, summed over heads (a forward-only token weighting);
+``attention, per head`` decodes each head's rows of G under its own head's weights; ``oracle per head``
+does that with each head's true |D_t|^2 (the best per-head diagonal weights).
+
     python benchmarks/activation_prior.py [--examples 32] [--layers 5,15,25] --out activation_prior.json
 """
 
@@ -25,6 +31,7 @@ import time
 import torch
 
 from r2f_ray import assets
+from r2f_ray.core.attention import AttentionRecorder, attention_gradient_energy, per_kv_head
 from r2f_ray.core.capture import capture_gradients
 from r2f_ray.core.linalg import rank_r_ceiling
 from r2f_ray.core.lora import LoraSpec, init_factors
@@ -53,6 +60,22 @@ def lift_from_covariance(c: torch.Tensor, a0: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram + 1e-9 * torch.trace(gram) * torch.eye(len(gram), dtype=gram.dtype), ac)
 
 
+ATTENTION_COLUMNS = ("attention model", "attention, per head", "oracle per head")
+
+
+def attention_lifts(x, d, grad_b, a0, role, energy, kv_heads):
+    """G_hat of an attention projection under the attention model's weights (summed and per head) and
+    under each head's true |D_t|^2, per head: {column: G_hat}."""
+    head_energy = energy[role[0]] if role == "q_proj" else per_kv_head(energy[role[0]], kv_heads)
+    hd = d.shape[1] // head_energy.shape[0]
+    blocks = [slice(h * hd, (h + 1) * hd) for h in range(head_energy.shape[0])]
+    return {
+        "attention model": grad_b @ lift(x, head_energy.sum(0), a0),
+        "attention, per head": torch.cat([grad_b[blk] @ lift(x, w, a0) for blk, w in zip(blocks, head_energy)]),
+        "oracle per head": torch.cat([grad_b[blk] @ lift(x, d[:, blk].pow(2).sum(1), a0) for blk in blocks]),
+    }
+
+
 def batches(loaded, source: str, examples: int):
     tok = loaded.tokenizer
     if source == "text":
@@ -74,6 +97,8 @@ def main() -> None:
     spec = LoraSpec(r=args.rank)
     layers = {int(v) for v in args.layers.split(",")}
     matrices = [m for m in resolve_targets(loaded.model, list(spec.target_modules)) if m.layer in layers]
+    attention = {m.layer: loaded.model.model.layers[m.layer].self_attn for m in matrices}
+    kv_heads = loaded.model.config.num_key_value_heads
     result = {"machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "date": time.strftime("%Y-%m-%d"),
               "model": loaded.model_id, "args": vars(args), "by_source": {}}
     for source in ("text", "facts"):
@@ -81,8 +106,14 @@ def main() -> None:
         scores: dict[str, dict[str, list[float]]] = {}
         for start in range(0, len(ids), 8):
             sl = slice(start, start + 8)
-            cap = capture_gradients(loaded.model, ids[sl], None if mask is None else mask[sl],
-                                    None if labels is None else labels[sl], targets=[m.name for m in matrices])
+            with AttentionRecorder(attention) as recorder:
+                cap = capture_gradients(loaded.model, ids[sl], None if mask is None else mask[sl],
+                                        None if labels is None else labels[sl], targets=[m.name for m in matrices])
+            energies = {}
+            for layer, module in attention.items():
+                for b in range(ids[sl].shape[0]):
+                    probs, q, k, v = recorder.tensors(layer, b, cap.token_mask[b])
+                    energies[layer, b] = attention_gradient_energy(probs, q, k, v, module.scaling)
             for m in matrices:
                 a0 = init_factors(spec, m)[0].double()
                 row = scores.setdefault(m.role, {})
@@ -93,19 +124,21 @@ def main() -> None:
                     lifts = {name: lift(x, weight(x), a0) for name, weight in WEIGHTS.items()}
                     lifts["oracle |D_t|^2"] = lift(x, d.pow(2).sum(1), a0)
                     lifts["oracle G^T G"] = lift_from_covariance(g.T @ g, a0)
-                    for name, r in lifts.items():
-                        gh = grad_b @ r
+                    decoded = {name: grad_b @ r for name, r in lifts.items()}
+                    if m.role in ("q_proj", "k_proj", "v_proj"):
+                        decoded |= attention_lifts(x, d, grad_b, a0, m.role, energies[m.layer, b], kv_heads)
+                    for name, gh in decoded.items():
                         row.setdefault(name, []).append(float((gh * g).sum() / (gh.norm() * g.norm())))
                     row.setdefault("naive", []).append(float((grad_b @ a0 * g).sum() / ((grad_b @ a0).norm() * g.norm())))
                     row.setdefault("ceiling", []).append(float(rank_r_ceiling(torch.linalg.svdvals(g), args.rank)))
         result["by_source"][source] = {role: {k: sum(v) / len(v) for k, v in cols.items()} for role, cols in scores.items()}
         result["by_source"][source]["examples"] = len(ids)
-        cols = ["naive", *WEIGHTS, "oracle |D_t|^2", "oracle G^T G", "ceiling"]
+        cols = ["naive", *WEIGHTS, *ATTENTION_COLUMNS, "oracle |D_t|^2", "oracle G^T G", "ceiling"]
         print(f"\n{source}: cosine to the true G, mean over layers {sorted(layers)} x {len(ids)} examples (beta = 0, closed form)")
         print(f"{'role':<10}" + "".join(f"{c[:19]:>21}" for c in cols))
         for role, vals in result["by_source"][source].items():
             if role != "examples":
-                print(f"{role:<10}" + "".join(f"{vals[c]:>21.3f}" for c in cols))
+                print(f"{role:<10}" + "".join(f"{vals[c]:>21.3f}" if c in vals else f"{'-':>21}" for c in cols))
     result["seconds"] = time.time() - t0
     write_json(args.out, result)
     print(f"\n{time.time() - t0:.0f} s; wrote {args.out}")

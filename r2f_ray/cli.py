@@ -264,17 +264,20 @@ def cmd_eval_decoders(args: argparse.Namespace) -> int:
     from r2f_ray.decoder_eval import EvalConfig, FactEvalConfig, facts_eval, format_eval, plot_eval, run_eval
     from r2f_ray.io import write_json
 
-    if args.facts is not None:
+    if args.facts is not None or args.texts is not None:
+        flag = "--facts" if args.facts is not None else "--texts"
+        if args.facts is not None and args.texts is not None:
+            raise UsageError("--facts and --texts pick different requests to evaluate on: give one")
         if args.pairs or args.split:
-            raise UsageError("--facts evaluates on forget facts' exact gradients, not on pairs: drop --pairs/--split")
+            raise UsageError(f"{flag} evaluates on exact gradients taken here, not on pairs: drop --pairs/--split")
         if not args.bank:
-            raise UsageError("--facts needs --bank (the bank to evaluate on the facts)")
-        overrides = {"bank": args.bank, "model": args.model, "transfer": args.transfer, "facts": args.facts}
+            raise UsageError(f"{flag} needs --bank (the bank to evaluate)")
+        overrides = {"bank": args.bank, "model": args.model, "transfer": args.transfer, "facts": args.facts, "texts": args.texts}
         config = load_config(FactEvalConfig, args.config, {**_parse_sets(args.set), **{k: v for k, v in overrides.items() if v is not None}})
         result = facts_eval(config, progress=not args.quiet)
     else:
         if args.model:
-            raise UsageError("--model applies to --facts; pairs name their own model")
+            raise UsageError("--model applies to --facts and --texts; pairs name their own model")
         overrides = {"bank": args.bank, "pairs": args.pairs, "split": args.split, "transfer": args.transfer}
         config = load_config(EvalConfig, args.config, {**_parse_sets(args.set), **{k: v for k, v in overrides.items() if v is not None}})
         result = run_eval(config, progress=not args.quiet)
@@ -295,19 +298,23 @@ def cmd_token_weights(args: argparse.Namespace) -> int:
     from r2f_ray.decoder_eval import fit_token_weights_on_facts, token_weight_facts
 
     token_weight_facts(args.facts)  # a bad count fails before the model loads
+    if args.texts < 0:
+        raise UsageError(f"--texts must be >= 0, got {args.texts}")
     if args.output and os.path.exists(args.output):
         raise UsageError(f"{args.output} already exists; choose a new folder, or omit --output to update {args.bank}")
     relations = tuple(r.strip() for r in args.relations.split(",") if r.strip())
     loaded = assets.load_model(args.model)
     bank = DecoderBank.load(args.bank, loaded.model_id, loaded.weights_sha256)  # the bank's own proxy only
     output = args.output or args.bank
-    coefficients = fit_token_weights_on_facts(bank, loaded, args.facts, relations)
+    coefficients = fit_token_weights_on_facts(bank, loaded, args.facts, relations, texts=args.texts)
     bank.save(output, overwrite=output == args.bank)
     by_role: dict[str, list] = {}
     for m in bank.matrices:
         if m.name in coefficients:
             by_role.setdefault(m.role, []).append(coefficients[m.name])
-    print(f"r2f token-weights: fitted on {args.facts} facts ({', '.join(relations)}) of {loaded.model_id}; mean coefficient per role")
+    texts = f" and {args.texts} Wikipedia texts" if args.texts else ""
+    print(f"r2f token-weights: fitted on {args.facts} facts ({', '.join(relations)}){texts} of {loaded.model_id}; "
+          "mean coefficient per role")
     print(f"{'role':<10}" + "".join(f"{f:>21}" for f in TOKEN_FEATURES))
     for role, rows in by_role.items():
         mean = sum(rows) / len(rows)
@@ -397,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "heldout", "all"], help="which pairs to evaluate on (default heldout)")
     p.add_argument("--facts", type=int, help="evaluate on the exact gradients of this many forget facts (capitals) "
                                              "instead of pairs, decoded as the engine decodes a request")
-    p.add_argument("--model", help="with --facts: " + MODEL_HELP)
+    p.add_argument("--texts", type=int, help="evaluate on this many held-out packaged Wikipedia texts (loss on every "
+                                             "token, as in the text pairs), decoded as the engine decodes a request")
+    p.add_argument("--model", help="with --facts or --texts: " + MODEL_HELP)
     p.add_argument("--transfer", choices=get_args(TransferMode),
                    help="the bank was trained on another model than the pairs': same_shapes, or by_role_depth "
                         "(calibrated on the pairs' stored input activations)")
@@ -412,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--facts", type=int, default=48, help="packaged facts to fit on (default 48)")
     p.add_argument("--relations", default="region,subregion,demonym",
                    help="country-fact relations to fit on (default region,subregion,demonym: not capitals, the forget set)")
+    p.add_argument("--texts", type=int, default=48, help="also fit on this many training-split packaged Wikipedia texts, "
+                                                         "loss on every token (default 48; 0: facts only)")
     p.add_argument("--output", help="write the bank with token weights here (default: update --bank in place, atomically)")
     p.set_defaults(func=cmd_token_weights)
 

@@ -1,7 +1,9 @@
 """`r2f eval-decoders`: how close each decoder gets to the true full gradient, per matrix role.
 
-Two sources of true gradients: pairs, and forget facts (``facts_eval``: exact gradients of chat questions
-with the loss on the answer, taken on a model here, the form of an unlearning request).
+Two sources of true gradients: pairs, and requests (``facts_eval``: exact gradients taken on a model here
+and decoded as the engine decodes a request, with the bank's token weights): forget facts (chat questions
+with the loss on the answer) or held-out packaged Wikipedia texts (loss on every token, the form of the
+text pairs, held out by the pairs' split rule).
 
 On the pairs of an evaluation dataset (held-out split by default; use a dataset made from another
 corpus, or from the target's own forget facts, to measure transfer) it reports per matrix and per role
@@ -16,6 +18,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -23,11 +26,11 @@ from tqdm.auto import tqdm
 from r2f_ray import assets
 from r2f_ray.config import MIN_TOKEN_WEIGHT_FACTS, MODEL_HELP, TransferMode
 from r2f_ray.core.bank import DecoderBank
-from r2f_ray.core.capture import capture_gradients
-from r2f_ray.core.decoders import DecoderSet, activation_stats, baseline_cosines, fit_local, pair_cosine
+from r2f_ray.core.capture import IGNORE_INDEX, capture_gradients
+from r2f_ray.core.decoders import TOKEN_FEATURES, DecoderSet, activation_stats, baseline_cosines, fit_local, pair_cosine
 from r2f_ray.core.lora import init_factors, lora_grads_from_factors
 from r2f_ray.core.unlearn import encode_pairs
-from r2f_ray.pairdata import PairDataset
+from r2f_ray.pairdata import DEFAULT_HELDOUT_FRACTION, PairDataset, split_of
 
 
 class EvalConfig(BaseModel):
@@ -139,7 +142,7 @@ def token_weight_facts(count: int, relations: tuple[str, ...] = TOKEN_WEIGHT_REL
     """``count`` packaged country facts of ``relations`` (by default not capitals, the forget set), spread
     evenly over countries and relations: the data token weights are fitted on."""
     if count < MIN_TOKEN_WEIGHT_FACTS:
-        raise ValueError(f"fit token weights on at least {MIN_TOKEN_WEIGHT_FACTS} facts (5 coefficients per matrix), "
+        raise ValueError(f"fit token weights on at least {MIN_TOKEN_WEIGHT_FACTS} facts ({len(TOKEN_FEATURES)} coefficients per matrix), "
                          f"got {count}")
     facts = assets.country_facts(relations)
     if count > len(facts):
@@ -149,13 +152,25 @@ def token_weight_facts(count: int, relations: tuple[str, ...] = TOKEN_WEIGHT_REL
 
 
 def fit_token_weights_on_facts(bank: DecoderBank, loaded: assets.LoadedModel, count: int = 48,
-                               relations: tuple[str, ...] = TOKEN_WEIGHT_RELATIONS) -> dict[str, Tensor]:
+                               relations: tuple[str, ...] = TOKEN_WEIGHT_RELATIONS, texts: int = 0,
+                               text_tokens: int = 48) -> dict[str, Tensor]:
     """Fit ``bank``'s token weights on exact gradients of its proxy ``loaded`` over ``count`` packaged facts
-    (``token_weight_facts``) asked as chat questions, the loss on the answer; returns the coefficients."""
+    (``token_weight_facts``) asked as chat questions, the loss on the answer, and ``texts`` training-split
+    packaged Wikipedia texts with the loss on every token (requests of both forms); returns the coefficients."""
     facts = token_weight_facts(count, relations)
     ids, mask, labels = qa_sequences(loaded.tokenizer, facts)
-    return bank.fit_token_weights(loaded.model, ids, mask, labels,
-                                  data=f"{len(facts)} packaged country facts ({', '.join(relations)}), chat, loss on the answer")
+    data = f"{len(facts)} packaged country facts ({', '.join(relations)}), chat, loss on the answer"
+    if texts:
+        text_ids = wiki_texts(loaded.tokenizer, texts, text_tokens, split="train")
+        width = max(ids.shape[1], text_tokens)
+        pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+        # Right-padded like qa_sequences: padding is masked out and carries no label.
+        ids = torch.cat([F.pad(ids, (0, width - ids.shape[1]), value=pad), F.pad(text_ids, (0, width - text_tokens), value=pad)])
+        mask = torch.cat([F.pad(mask, (0, width - mask.shape[1])), F.pad(torch.ones_like(text_ids), (0, width - text_tokens))])
+        labels = torch.cat([F.pad(labels, (0, width - labels.shape[1]), value=IGNORE_INDEX),
+                            F.pad(text_ids, (0, width - text_tokens), value=IGNORE_INDEX)])
+        data += f"; {texts} training-split packaged Wikipedia texts x {text_tokens} tokens, loss on every token"
+    return bank.fit_token_weights(loaded.model, ids, mask, labels, data=data)
 
 
 class FactEvalConfig(BaseModel):
@@ -165,35 +180,65 @@ class FactEvalConfig(BaseModel):
     model: str = Field("default", description=MODEL_HELP)
     transfer: TransferMode | None = Field(None, description="load a bank trained on another model with this mode")
     facts: int = Field(16, ge=1, description="capital-city facts (the forget set) whose exact gradients are compared")
+    texts: int | None = Field(None, ge=1, description="instead of facts: this many held-out packaged Wikipedia texts, "
+                                                      "loss on every token")
+    text_tokens: int = Field(48, ge=2, description="tokens per text (the first ones), as the text pairs take them")
     batch_size: int = Field(8, ge=1)
 
 
+def wiki_texts(tokenizer, count: int, tokens: int, split: str = "heldout",
+               heldout_fraction: float = DEFAULT_HELDOUT_FRACTION) -> Tensor:
+    """[count, tokens] ids: the first ``tokens`` tokens of the first ``count`` packaged Wikipedia texts in
+    ``split`` ('heldout' or 'train') of any pair dataset of this corpus (split key: the text's sha256
+    prefix, ``pairdata.split_of``)."""
+    import hashlib
+
+    rows = []
+    for text in assets.corpus_texts("wiki"):
+        if split_of(hashlib.sha256(text.encode()).hexdigest()[:16], heldout_fraction) != split:
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= tokens:
+            rows.append(ids[:tokens])
+            if len(rows) == count:
+                return torch.tensor(rows)
+    raise ValueError(f"only {len(rows)} {split} packaged texts have >= {tokens} tokens; ask for fewer texts or tokens")
+
+
 def facts_eval(config: FactEvalConfig, progress: bool = True) -> dict:
-    """Cosine to the exact gradient of each forget fact (one chat question, loss on the answer) of the
-    naive lift, the bank as the engine decodes a request, the bank with every token weighted as is (where
-    it has token weights), and the rank-r ceiling; per matrix and per role."""
+    """Cosine to the exact gradient of each request (a forget fact: one chat question, loss on the answer;
+    or a held-out text, loss on every token) of the naive lift, the bank as the engine decodes a request,
+    the bank with every token weighted as is (where it has token weights), and the rank-r ceiling; per
+    matrix and per role."""
     t0 = time.time()
     loaded = assets.load_model(config.model)
     bank = assets.load_bank(config.bank, loaded, transfer=config.transfer)
-    facts = assets.country_facts()[: config.facts]
-    ids, mask, labels = qa_sequences(loaded.tokenizer, facts)
+    if config.texts:
+        ids = wiki_texts(loaded.tokenizer, config.texts, config.text_tokens)
+        mask, labels = torch.ones_like(ids), ids.clone()
+        what, split = f"held-out packaged Wikipedia texts x {config.text_tokens} tokens (loss on every token)", "texts"
+    else:
+        ids, mask, labels = qa_sequences(loaded.tokenizer, assets.country_facts()[: config.facts])
+        what, split = "capital facts (chat, loss on the answer)", "facts"
     names = [m.name for m in bank.matrices]
     weighted = bank.decoders.has_token_weights
     columns: dict[str, dict[str, list[float]]] = {c: {} for c in ["naive", "bank", *(["bank, unweighted"] if weighted else []), "ceiling"]}
     plain = DecoderSet(bank.matrices, bank.spec, "naive")
     inits = {m.name: init_factors(bank.spec, m) for m in bank.matrices}
-    for start in tqdm(range(0, len(facts), config.batch_size), desc="eval-decoders: facts", disable=not progress):
+    for start in tqdm(range(0, len(ids), config.batch_size), desc=f"eval-decoders: {split}", disable=not progress):
         part = slice(start, start + config.batch_size)
-        cap = capture_gradients(loaded.model, ids[part], mask[part], labels[part], targets=names)
+        with bank.attention_recorder(loaded.model) as recorder:
+            cap = capture_gradients(loaded.model, ids[part], mask[part], labels[part], targets=names)
         for b in range(cap.batch_size):
             lora, acts, unweighted, full = {}, {}, {}, {}
+            attention = recorder.energies(b, cap.token_mask[b], names)
             for m in bank.matrices:
                 x, d = cap.factors(m.name, b)
                 a0, b0 = inits[m.name]
                 lora[m.name] = lora_grads_from_factors(x, d, a0, b0, bank.spec.scaling)
                 full[m.name] = d.T.float() @ x.float()
                 if bank.needs_acts:
-                    acts[m.name] = bank.request_stats(m.name, [(x, cap.scored_tokens(b))])
+                    acts[m.name] = bank.request_stats(m.name, [(x, cap.scored_tokens(b), attention.get(m.name))])
                     unweighted[m.name] = activation_stats(x, a0)
             decoded = {"bank": bank.decode(lora, acts=acts or None)}
             if weighted:
@@ -206,8 +251,8 @@ def facts_eval(config: FactEvalConfig, progress: bool = True) -> dict:
                 for n in names:
                     columns[col].setdefault(n, []).append(float(pair_cosine(pred[n][None, None], full[n][None, None])))
     result = _summarise(columns, bank.matrices)
-    return {"pairs": f"{len(facts)} capital facts (chat, loss on the answer)", "model": loaded.model_id, "split": "facts",
-            "pairs_evaluated": len(facts), "matrices": len(names), "bank": config.bank, "bank_kinds": bank.kinds,
+    return {"pairs": f"{len(ids)} {what}", "model": loaded.model_id, "split": split,
+            "pairs_evaluated": len(ids), "matrices": len(names), "bank": config.bank, "bank_kinds": bank.kinds,
             "bank_transfer": bank.transfer, "token_weights": bank.info.get("token_weights"), **result,
             "seconds": time.time() - t0, "config": config.model_dump(mode="json")}
 
@@ -225,9 +270,10 @@ def _summarise(columns: dict[str, dict[str, list[float]]], infos) -> dict:
 
 def format_eval(result: dict) -> str:
     cols = result["columns"]
-    what = "held-out" if result["split"] != "facts" else "forget-fact"
+    request = result["split"] in ("facts", "texts")
+    what = {"facts": "forget-fact", "texts": "held-out text request"}.get(result["split"], "held-out")
     lines = [f"{what} cosine to the true full gradient, mean over {result['matrices']} matrices x "
-             f"{result['pairs_evaluated']} {'pairs of ' if result['split'] != 'facts' else ''}{result['pairs']} "
+             f"{'' if request else str(result['pairs_evaluated']) + ' pairs of '}{result['pairs']} "
              f"(split {result['split']}); ceiling = best rank-r (truncated SVD)",
              f"{'role':<10}" + "".join(f"{c:>11}" for c in cols)]
     for role, vals in result["by_role"].items():

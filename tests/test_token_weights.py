@@ -20,7 +20,7 @@ from r2f_ray.core.targets import MatrixInfo
 
 D_OUT, D_IN, R, T = 12, 20, 4, 12
 SCORED = torch.tensor([False] * 7 + [True] * 4 + [False])  # a prompt, a 4-token answer, the last token
-THETA = torch.tensor([0.5, -2.0, 3.0, 1.0, -1.0])
+THETA = torch.tensor([0.5, -2.0, 3.0, 1.0, -1.0, 0.0])
 
 
 def test_weighted_activation_stats_are_the_weighted_input_covariance():
@@ -97,6 +97,39 @@ def test_fitted_token_weights_decode_closer_than_unweighted_statistics():
     assert mean["weighted"] > mean["unweighted"] + 0.05, mean
 
 
+def test_per_head_statistics_decode_each_heads_rows_under_its_own_prior():
+    # Two heads of 6 output rows each: with per-head stats [H, r, ...], head h's rows of grad_B go through the
+    # lift of head h's weighted covariance alone (at the calibrated mix, with the proxy prior).
+    torch.manual_seed(0)
+    spec = LoraSpec(r=R)
+    info = MatrixInfo("model.layers.0.self_attn.k_proj", 0, "k_proj", D_OUT, D_IN)
+    decoders = DecoderSet([info], spec, "activation")
+    group = decoders.groups[decoders.where[info.name][0]]
+    group.init_covariance(torch.eye(D_IN)[None] + 0.1)
+    a0 = init_factors(spec, info)[0]
+    x, grad_b = torch.randn(T, D_IN), torch.randn(D_OUT, R)
+    w = torch.rand(2, T)
+    gram, cross = activation_stats(x, a0, w)
+    assert gram.shape == (2, R, R) and cross.shape == (2, R, D_IN)
+    out = decoders({info.name: (torch.zeros(1, R, D_IN), grad_b[None], None, (gram[None], cross[None]))})[info.name][0]
+    for h in range(2):
+        alone = decoders({info.name: (torch.zeros(1, R, D_IN), grad_b[None, 6 * h:6 * (h + 1)].repeat(1, 2, 1), None,
+                                      (gram[h][None], cross[h][None]))})[info.name][0]
+        torch.testing.assert_close(out[6 * h:6 * (h + 1)], alone[:6])
+
+
+def test_attention_features_are_per_head_and_the_shared_ones_unchanged():
+    x = torch.randn(T, D_IN)
+    energy = torch.rand(3, T) + 0.1
+    energy[1, 4] = 0.0  # a token no query reaches: floored, not -inf
+    f = token_features(x, SCORED, energy)
+    assert f.shape == (3, T, len(TOKEN_FEATURES)) and torch.isfinite(f).all()
+    col = TOKEN_FEATURES.index("log_attention")
+    torch.testing.assert_close(f[..., :col], token_features(x, SCORED)[None, :, :col].expand(3, -1, -1))
+    torch.testing.assert_close(f[..., col], (energy / energy.amax(-1, keepdim=True)).clamp_min(1e-8).log().double())
+    assert float(token_features(x, SCORED)[:, col].abs().sum()) == 0  # other matrices: no attention feature
+
+
 def test_only_activation_decoders_take_token_weights():
     spec = LoraSpec(r=R)
     info = MatrixInfo("model.layers.0.mlp.down_proj", 0, "down_proj", D_OUT, D_IN)
@@ -144,15 +177,19 @@ def activation_bank(tmp_path_factory):
 
 def request_cosines(bank: DecoderBank, weighted: bool) -> float:
     """Mean cosine to the exact gradient over held-out answer sequences, decoded as the engine does."""
-    probe = LoraProbe(tiny_llama(seed=0)[0], SPEC)
+    model = tiny_llama(seed=0)[0]
+    probe = LoraProbe(model, SPEC)
     ids, mask, labels = qa_batch(8, seed=5)
-    cap = probe.capture(ids, mask, labels)
+    with bank.attention_recorder(model) as recorder:
+        cap = probe.capture(ids, mask, labels)
     out = []
     for b in range(8):
         # Per-example LoRA gradients from the factors, as the engine computes them.
         grads = {m.name: lora_grads_from_factors(*cap.factors(m.name, b), *probe.init[m.name], SPEC.scaling)
                  for m in probe.matrices}
-        acts = {m.name: bank.request_stats(m.name, [(cap.factors(m.name, b)[0], cap.scored_tokens(b))]) if weighted
+        attention = recorder.energies(b, cap.token_mask[b], [m.name for m in probe.matrices])
+        acts = {m.name: bank.request_stats(m.name, [(cap.factors(m.name, b)[0], cap.scored_tokens(b), attention.get(m.name))])
+                if weighted
                 else activation_stats(cap.factors(m.name, b)[0], probe.init[m.name][0]) for m in probe.matrices}
         decoded = bank.decode(grads, acts=acts)
         out += [float(pair_cosine(decoded[m.name][None, None], cap.dense(m.name, b)[None, None])) for m in probe.matrices]
@@ -175,6 +212,32 @@ def test_bank_fits_token_weights_on_answer_gradients_and_keeps_them(activation_b
     assert request_cosines(loaded, weighted=True) == pytest.approx(after, abs=1e-6)
 
 
+def test_attention_weighted_matrices_need_the_attention_energy(activation_bank):
+    bank = DecoderBank.load(activation_bank)
+    bank.fit_token_weights(tiny_llama(seed=0)[0], *qa_batch(8, seed=4), data="random answers")
+    weighted = bank.decoders.attention_weighted
+    assert weighted and {n.rsplit(".", 1)[1] for n in weighted} <= {"q_proj", "k_proj", "v_proj"}
+    name = sorted(weighted)[0]
+    x = torch.randn(16, next(m.d_in for m in bank.matrices if m.name == name))
+    with pytest.raises(ValueError, match="attention_recorder"):
+        bank.request_stats(name, [(x, torch.ones(16, dtype=torch.bool), None)])
+
+
+def test_a_bank_saved_before_the_attention_feature_keeps_its_weights(activation_bank, tmp_path):
+    bank = DecoderBank.load(activation_bank)
+    col = TOKEN_FEATURES.index("log_attention")
+    bank.decoders.set_token_coefficients({m.name: THETA for m in bank.matrices})
+    bank.save(tmp_path / "five")
+    state = load_file(str(tmp_path / "five" / WEIGHTS))
+    save_file({k: (v[..., :col].contiguous() if k.endswith("token_coef") else v) for k, v in state.items()},
+              str(tmp_path / "five" / WEIGHTS))
+    old = DecoderBank.load(tmp_path / "five")
+    assert not old.decoders.attention_weighted
+    features = token_features(torch.randn(6, bank.matrices[0].d_in), SCORED[:6])
+    for m in bank.matrices:
+        torch.testing.assert_close(old.decoders.token_weights(m.name, features), bank.decoders.token_weights(m.name, features))
+
+
 def test_a_bank_saved_before_token_weights_loads_unweighted(activation_bank, tmp_path):
     bank = DecoderBank.load(activation_bank)
     bank.fit_token_weights(tiny_llama(seed=0)[0], *qa_batch(8, seed=4), data="random answers")
@@ -185,7 +248,7 @@ def test_a_bank_saved_before_token_weights_loads_unweighted(activation_bank, tmp
     assert all(float(g.token_coef.abs().sum()) == 0 for g in old.decoders.groups.values())
     name = old.matrices[0].name
     x = torch.randn(6, old.matrices[0].d_in)
-    for a, b in zip(old.request_stats(name, [(x, torch.tensor([0, 0, 1, 1, 1, 0], dtype=torch.bool))]),
+    for a, b in zip(old.request_stats(name, [(x, torch.tensor([0, 0, 1, 1, 1, 0], dtype=torch.bool), None)]),
                     activation_stats(x, init_factors(SPEC, old.matrices[0])[0])):
         torch.testing.assert_close(a, b)
 
@@ -197,12 +260,12 @@ def r2f(*args):
 def test_cli_fits_token_weights_and_evaluates_on_forget_facts(activation_bank, tmp_path):
     path = activation_bank
     out = tmp_path / "weighted"
-    proc = r2f("token-weights", "--bank", str(path), "--model", "tiny", "--facts", "8", "--output", str(out))
+    proc = r2f("token-weights", "--bank", str(path), "--model", "tiny", "--facts", "8", "--texts", "4", "--output", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "log_scored_after" in proc.stdout and "wrote" in proc.stdout
+    assert "log_attention" in proc.stdout and "wrote" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["info"]["token_weights"]["sequences"] == 8
-    assert "region" in manifest["info"]["token_weights"]["data"]
+    assert manifest["info"]["token_weights"]["sequences"] == 12
+    assert "region" in manifest["info"]["token_weights"]["data"] and "Wikipedia" in manifest["info"]["token_weights"]["data"]
     proc = r2f("token-weights", "--bank", str(path), "--model", "tiny", "--facts", "8", "--output", str(out))
     assert proc.returncode == 2 and "already exists" in proc.stderr
     report = tmp_path / "facts.json"
@@ -212,6 +275,30 @@ def test_cli_fits_token_weights_and_evaluates_on_forget_facts(activation_bank, t
     assert result["columns"] == ["naive", "bank", "bank, unweighted", "ceiling"] and result["split"] == "facts"
     for role, cols in result["by_role"].items():
         assert cols["ceiling"] >= max(cols.values()) - 1e-4, (role, cols)
+    proc = r2f("eval-decoders", "--texts", "2", "--model", "tiny", "--bank", str(out), "--json", str(report), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(report.read_text())
+    assert result["split"] == "texts" and result["pairs_evaluated"] == 2 and "held-out" in result["pairs"]
+
+
+def test_wiki_texts_follow_the_pair_split():
+    import hashlib
+
+    from r2f_ray import assets
+    from r2f_ray.decoder_eval import wiki_texts
+    from r2f_ray.pairdata import split_of
+
+    tok = assets.byte_tokenizer()
+    heldout, train = wiki_texts(tok, 3, 32), wiki_texts(tok, 3, 32, split="train")
+    assert heldout.shape == train.shape == (3, 32)
+    expected = {"heldout": [], "train": []}
+    for text in assets.corpus_texts("wiki"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= 32:
+            expected[split_of(hashlib.sha256(text.encode()).hexdigest()[:16])].append(ids[:32])
+    assert heldout.tolist() == expected["heldout"][:3] and train.tolist() == expected["train"][:3]
+    with pytest.raises(ValueError, match="heldout packaged texts"):
+        wiki_texts(tok, 10**6, 32)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -219,6 +306,8 @@ def test_cli_fits_token_weights_and_evaluates_on_forget_facts(activation_bank, t
     (["eval-decoders", "--facts", "2", "--pairs", "somewhere", "--bank", "b"], "drop --pairs"),
     (["eval-decoders", "--facts", "2"], "needs --bank"),
     (["eval-decoders", "--pairs", "somewhere", "--model", "tiny"], "--model applies to --facts"),
+    (["eval-decoders", "--facts", "2", "--texts", "2", "--bank", "b"], "give one"),
+    (["token-weights", "--bank", "nowhere", "--texts", "-1"], "--texts must be >= 0"),
 ])
 def test_cli_usage_errors(args, message):
     proc = r2f(*args)

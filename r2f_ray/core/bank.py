@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from r2f_ray.config import TransferMode
+from r2f_ray.core.attention import AttentionRecorder, attention_modules
 from r2f_ray.core.capture import capture_gradients
 from r2f_ray.core.decoders import (TOKEN_FEATURES, DecoderSet, activation_stats, fit_token_coefficients, input_covariance,
                                    token_features)
@@ -132,21 +133,32 @@ class DecoderBank:
         """True when some decoder reads the request's input activation statistics (``decode(..., acts=)``)."""
         return self.decoders.needs_acts
 
-    def request_stats(self, name: str, views: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-        """``activation_stats`` of one request's inputs to matrix ``name`` over its views, each a pair
-        (x [T, d_in] over the tokens that carry gradient, scored [T] bool), every token weighted by the
-        matrix's token weights (as it comes where none were fitted)."""
+    def request_stats(self, name: str, views: list[tuple[Tensor, Tensor, Tensor | None]]) -> tuple[Tensor, Tensor]:
+        """``activation_stats`` of one request's inputs to matrix ``name`` over its views, each a triple
+        (x [T, d_in] over the tokens that carry gradient, scored [T] bool, attention energy [H, T] or None;
+        see ``attention_recorder``), every token weighted by the matrix's token weights (as it comes where
+        none were fitted); per head [H, ...] when the matrix's weights use the attention feature."""
         key, i = self.decoders.where[name]
         a0 = self.decoders.groups[key].a0[i]
         x = torch.cat([v[0] for v in views]).to(a0.device)
-        features = torch.cat([token_features(v[0], v[1]) for v in views]).to(a0.device)
+        energy = [v[2] if name in self.decoders.attention_weighted else None for v in views]
+        if any(e is None for e in energy) and name in self.decoders.attention_weighted:
+            raise ValueError(f"{name}: its token weights use the attention feature; pass each view's attention "
+                             "energy (record the forward pass with DecoderBank.attention_recorder)")
+        features = torch.cat([token_features(v[0], v[1], e) for v, e in zip(views, energy)], dim=-2).to(a0.device)
         return activation_stats(x, a0, self.decoders.token_weights(name, features))
+
+    def attention_recorder(self, model: torch.nn.Module) -> AttentionRecorder:
+        """Records the attention ``request_stats`` needs during a forward pass of ``model`` (the bank's
+        target); records nothing when no decoder's token weights use the attention feature."""
+        return AttentionRecorder(attention_modules(model, sorted(self.decoders.attention_weighted)))
 
     def fit_token_weights(self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                           data: str, batch_size: int = 8, ridge: float = 1e-3) -> dict[str, Tensor]:
         """Fit the token weights of every activation decoder on exact gradients of ``model`` (the bank's
         proxy) over labelled sequences, e.g. question/answer chats with the loss on the answer, the form
-        of forget requests. ``data`` says what they are, for the manifest. Returns the coefficients."""
+        of forget requests. ``data`` says what they are, for the manifest. q, k and v weights include the
+        attention feature, fitted per head on each head's share of |D_t|^2. Returns the coefficients."""
         names = [m.name for m in self.matrices if self.decoders.groups[self.decoders.where[m.name][0]].needs_acts]
         if not names:
             raise ValueError(f"the bank has no activation decoders (kinds {self.kinds}): token weights do not apply")
@@ -155,14 +167,23 @@ class DecoderBank:
         energies: dict[str, list[Tensor]] = {n: [] for n in names}
         for start in range(0, len(input_ids), batch_size):
             part = slice(start, start + batch_size)
-            cap = capture_gradients(model, input_ids[part].to(device), attention_mask[part].to(device),
-                                    labels[part].to(device), targets=names)
+            with AttentionRecorder(attention_modules(model, names)) as recorder:
+                cap = capture_gradients(model, input_ids[part].to(device), attention_mask[part].to(device),
+                                        labels[part].to(device), targets=names)
             for b in range(cap.batch_size):
                 scored = cap.scored_tokens(b)
+                attention = recorder.energies(b, cap.token_mask[b], names)
                 for n in names:
                     x, d = cap.factors(n, b)
-                    features[n].append(token_features(x, scored).cpu())
-                    energies[n].append(d.double().pow(2).sum(-1).cpu())
+                    energy = d.double().pow(2)
+                    if n in attention:  # one sequence per head: its rows of D against its own attention energy
+                        heads = attention[n].shape[0]
+                        per_head = energy.view(len(energy), heads, -1).sum(-1).T
+                        features[n].extend(token_features(x, scored, attention[n]).cpu().unbind(0))
+                        energies[n].extend(per_head.cpu().unbind(0))
+                    else:
+                        features[n].append(token_features(x, scored).cpu())
+                        energies[n].append(energy.sum(-1).cpu())
         coefficients = {n: fit_token_coefficients(features[n], energies[n], ridge) for n in names}
         self.decoders.set_token_coefficients(coefficients)
         self.info["token_weights"] = {"data": data, "sequences": len(input_ids), "features": list(TOKEN_FEATURES),
@@ -265,6 +286,9 @@ class DecoderBank:
         matrices = [MatrixInfo(**m) for m in manifest["matrices"]]
         decoders = DecoderSet(matrices, bank_spec, manifest["kinds"], manifest.get("options") or {})
         state = load_file(str(path / WEIGHTS))
+        for k, v in state.items():  # banks from before a token feature existed: it gets coefficient 0
+            if k.endswith(".token_coef") and v.shape[-1] < len(TOKEN_FEATURES):
+                state[k] = torch.nn.functional.pad(v, (0, len(TOKEN_FEATURES) - v.shape[-1]))
         missing, unexpected = decoders.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith(".token_coef")]  # banks from before token weights: none fitted
         if missing or unexpected:

@@ -19,7 +19,9 @@ Kinds (``DECODERS``; adding one is a class plus an entry):
   activations X^T diag(w) X (rows of G = D^T X lie in the row space of X). The activation statistics come
   from forward passes only; the mixing weight is calibrated per matrix on proxy pairs. Token weights w_t
   estimate each token's gradient energy |D_t|^2 from forward-only features (``token_features``) with
-  coefficients fitted per matrix on exact proxy gradients; without them every token counts as is.
+  coefficients fitted per matrix on exact proxy gradients; without them every token counts as is. For q,
+  k and v one feature is the energy the request's attention pattern implies (``core.attention``), per
+  head, and each head's rows of G are then decoded under its own head's statistics.
   Needs ``acts``.
 - ``sketch``: the two-sided randomized sketch reconstruction. With Y = grad_B = s G A0^T (range
   sketch) and W = grad_A = s B0^T G (co-range sketch), Q = orth(Y) and G ~= Q (s B0^T Q)^+ W, exact
@@ -37,6 +39,8 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from r2f_ray.core.attention import ATTENTION_ROLES
 
 from r2f_ray.core.lora import LoraSpec, init_factors
 from r2f_ray.core.targets import MatrixInfo
@@ -97,8 +101,9 @@ def activation_stats(x: Tensor, a0: Tensor, weights: Tensor | None = None) -> tu
 
     ``x`` [..., T, d_in] are the inputs over the tokens that carry gradient (zero rows add nothing),
     ``a0`` [r, d_in] the recorded LoRA init, ``weights`` [..., T] optional per-token weights w_t (see
-    ``token_features``). With C = X^T diag(w) X / tr(X^T diag(w) X), returns
-    ``(A0 C A0^T [..., r, r], A0 C [..., r, d_in])`` in fp32: C itself (d_in x d_in) is never formed.
+    ``token_features``; per-head weights [H, T] give per-head statistics [H, ...]). With
+    C = X^T diag(w) X / tr(X^T diag(w) X), returns ``(A0 C A0^T [..., r, r], A0 C [..., r, d_in])`` in fp32:
+    C itself (d_in x d_in) is never formed.
     """
     x = x.double()
     z = x @ a0.double().transpose(-1, -2)  # [..., T, r]
@@ -109,31 +114,41 @@ def activation_stats(x: Tensor, a0: Tensor, weights: Tensor | None = None) -> tu
 
 
 # Per-token features of the activation prior's token weights (``token_features``).
-TOKEN_FEATURES = ("log_norm", "first", "scored", "log_scored_after", "log_to_first_scored")
+TOKEN_FEATURES = ("log_norm", "first", "scored", "log_scored_after", "log_to_first_scored", "log_attention")
 
 
-def token_features(x: Tensor, scored: Tensor) -> Tensor:
-    """Forward-only features [T, F] of one sequence's gradient-carrying tokens, in ``TOKEN_FEATURES`` order.
+def token_features(x: Tensor, scored: Tensor, attention: Tensor | None = None) -> Tensor:
+    """Forward-only features of one sequence's gradient-carrying tokens, in ``TOKEN_FEATURES`` order:
+    [T, F], or [H, T, F] with ``attention``.
 
     ``x`` [T, d_in] are the tokens' inputs to the matrix, ``scored`` [T] bool whether a token's next-token
     prediction is in the loss. Features: log |x_t|^2, first token (the attention sink), scored, log(1 + scored
-    tokens from t on), log(1 + distance to the first scored token). Positions count relative to the scored
-    span, never from the start of a chat template, so the weights carry over between templates and models.
+    tokens from t on), log(1 + distance to the first scored token), and for q, k and v the log of each
+    head's expected gradient energy from the attention pattern, ``attention`` [H, T]
+    (``core.attention.attention_gradient_energy``; zero for other matrices). Positions count relative to
+    the scored span, never from the start of a chat template, so the weights carry over between templates
+    and models.
     """
     x = x.double()
     s = scored.to(torch.float64).to(x.device)
     pos = torch.arange(len(s), dtype=torch.float64, device=x.device)
     after = s.flip(0).cumsum(0).flip(0)
     first = pos[s > 0].min() if bool((s > 0).any()) else pos.new_tensor(float(len(s)))
-    return torch.stack([x.pow(2).sum(-1).clamp_min(_EPS).log(), (pos == 0).double(), s, torch.log1p(after),
-                        torch.log1p((first - pos).clamp_min(0))], dim=-1)
+    shared = torch.stack([x.pow(2).sum(-1).clamp_min(_EPS).log(), (pos == 0).double(), s, torch.log1p(after),
+                          torch.log1p((first - pos).clamp_min(0)), torch.zeros_like(s)], dim=-1)
+    if attention is None:
+        return shared
+    e = attention.double().to(x.device)
+    # Relative to each head's largest token, floored: a token no query sees has energy 0, not log 0.
+    log_e = (e / e.amax(-1, keepdim=True).clamp_min(_EPS)).clamp_min(1e-8).log()
+    return torch.cat([shared.expand(len(e), -1, -1)[..., :-1], log_e[..., None]], dim=-1)
 
 
 def fit_token_coefficients(features: list[Tensor], energies: list[Tensor], ridge: float = 1e-3) -> Tensor:
     """Coefficients theta [F] of the token weights w_t = exp(theta . phi_t): a least-squares fit of each
     token's log gradient energy log |D_t|^2 on its features ``phi_t``, within each sequence (both sides
     centred per sequence: only relative weights matter). ``features`` [T_i, F] and ``energies`` [T_i] per
-    sequence, from exact gradients of a proxy."""
+    sequence (or per head of a sequence), from exact gradients of a proxy."""
     rows, targets = [], []
     for f, e in zip(features, energies):
         e = e.double()
@@ -325,9 +340,10 @@ class ActivationGroup(DecoderGroup):
         self.register_buffer("token_coef", torch.zeros(k, len(TOKEN_FEATURES)))
 
     def token_weights(self, member: int, features: Tensor) -> Tensor:
-        """Per-token weights [T] of member ``member`` for ``token_features`` [T, F] (max weight 1)."""
+        """Per-token weights [T] (or [H, T]) of member ``member`` for ``token_features`` [T, F] (or [H, T, F]),
+        max weight 1 per head."""
         logits = features.double() @ self.token_coef[member].double().to(features.device)
-        return (logits - logits.max()).exp()
+        return (logits - logits.amax(-1, keepdim=True)).exp()
 
     def init_covariance(self, cov: Tensor, ridge: float | None = None) -> None:
         """Forward-only prior for a model without pairs: M taken proportional to the input covariance
@@ -352,10 +368,12 @@ class ActivationGroup(DecoderGroup):
             raise ValueError("decoder kind 'activation' needs the input activation statistics of each request "
                              "(activation_stats of the matrix inputs, from a forward pass); pairs stored as dense "
                              "gradients have none: generate factor pairs, or use another kind")
-        act_gram, act_cross = (t.double() for t in acts)  # [K, N, r, r], [K, N, r, d_in]
-        beta = mix.double()[:, None, None, None]
-        gram = beta * self._pick(self.prior_gram, index).double().unsqueeze(1) + (1 - beta) * act_gram
-        cross = beta * self._pick(self.prior_cross, index).double().unsqueeze(1) + (1 - beta) * act_cross
+        # [K, N, r, r], [K, N, r, d_in]; per-head statistics have a head axis after N: [K, N, H, r, ...].
+        act_gram, act_cross = (t.double() for t in acts)
+        lead = (1,) * (act_gram.dim() - 3)
+        beta = mix.double().view(-1, *lead, 1, 1)
+        gram = beta * self._pick(self.prior_gram, index).double().view(-1, *lead, self.r, self.r) + (1 - beta) * act_gram
+        cross = beta * self._pick(self.prior_cross, index).double().view(-1, *lead, self.r, self.d_in) + (1 - beta) * act_cross
         # Posterior mean of a row g of G given its observation s g A0^T (a row of grad_B) under g ~ N(0, S):
         # g = row (A0 S A0^T)^-1 A0 S / s.
         scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(_EPS)
@@ -363,7 +381,12 @@ class ActivationGroup(DecoderGroup):
         return torch.linalg.solve(gram + self.ridge * scale * eye, cross).float() / self.scaling
 
     def forward(self, grad_a, grad_b, index=None, acts=None):
-        return grad_b.float() @ self._lift(acts, torch.sigmoid(self._pick(self.mix_logit, index)), index)
+        lift = self._lift(acts, torch.sigmoid(self._pick(self.mix_logit, index)), index)
+        if lift.dim() == 4:
+            return grad_b.float() @ lift
+        k, n, heads = lift.shape[:3]  # per head: head h's rows of grad_B through its own lift
+        rows = grad_b.float().reshape(k, n, heads, -1, self.r)
+        return (rows @ lift).reshape(k, n, -1, self.d_in)
 
     @torch.no_grad()
     def calibration_scores(self, grad_a, grad_b, full, acts):
@@ -551,9 +574,16 @@ class DecoderSet(nn.Module):
         """True when some activation decoder has fitted (non-zero) token-weight coefficients."""
         return any(g.needs_acts and bool(g.token_coef.any()) for g in self.groups.values())
 
+    @property
+    def attention_weighted(self) -> set[str]:
+        """Names of the q, k, v matrices whose token weights use the attention feature (decoded per head)."""
+        col = TOKEN_FEATURES.index("log_attention")
+        return {name for g in self.groups.values() if g.needs_acts and g.role in ATTENTION_ROLES
+                for name, coef in zip(g.names, g.token_coef) if float(coef[col]) != 0}
+
     def token_weights(self, name: str, features: Tensor) -> Tensor | None:
-        """Per-token weights [T] for matrix ``name`` from ``token_features`` [T, F]; None when its decoder
-        reads no activations."""
+        """Per-token weights [T] (per head [H, T]) for matrix ``name`` from ``token_features`` [T, F]
+        ([H, T, F]); None when its decoder reads no activations."""
         key, i = self.where[name]
         group = self.groups[key]
         return group.token_weights(i, features) if group.needs_acts else None

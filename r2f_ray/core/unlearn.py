@@ -44,6 +44,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from r2f_ray.core.attention import AttentionRecorder
 from r2f_ray.core.capture import IGNORE_INDEX, Capture, capture_gradients, example_nll
 from r2f_ray.core.lora import LoraSpec, init_factors, lora_grads_from_factors
 from r2f_ray.core.paraphrase import PARAPHRASERS, contains_answer, make_views
@@ -321,14 +322,18 @@ def _per_request_lora(cap: Capture, owner: list[int], n_requests: int, matrices:
     return out
 
 
-def _per_request_acts(cap: Capture, owner: list[int], n_requests: int, matrices: list[MatrixInfo], decoder
-                      ) -> list[dict[str, tuple[Tensor, Tensor]]]:
-    """Forward-only statistics of each matrix's inputs over each request's views (``DecoderBank.request_stats``)."""
+def _per_request_acts(cap: Capture, owner: list[int], n_requests: int, matrices: list[MatrixInfo], decoder,
+                      recorder: AttentionRecorder) -> list[dict[str, tuple[Tensor, Tensor]]]:
+    """Forward-only statistics of each matrix's inputs over each request's views (``DecoderBank.request_stats``),
+    with the attention energies ``recorder`` holds for the capture's forward pass."""
+    names = [m.name for m in matrices]
+    attention = [recorder.energies(b, cap.token_mask[b], names) for b in range(cap.batch_size)]
     out = [{} for _ in range(n_requests)]
-    for info in matrices:
+    for name in names:
         for i in range(n_requests):
-            views = [(cap.factors(info.name, b)[0].float(), cap.scored_tokens(b)) for b, o in enumerate(owner) if o == i]
-            out[i][info.name] = decoder.request_stats(info.name, views)
+            views = [(cap.factors(name, b)[0].float(), cap.scored_tokens(b), attention[b].get(name))
+                     for b, o in enumerate(owner) if o == i]
+            out[i][name] = decoder.request_stats(name, views)
     return out
 
 
@@ -374,11 +379,13 @@ class R2F(Method):
     needs_decoder = True
 
     def propose(self, ctx: Context) -> Proposal:
-        cap, owner = ctx.capture()
+        needs_acts = getattr(ctx.decoder, "needs_acts", False)
+        with ctx.decoder.attention_recorder(ctx.model) if needs_acts else AttentionRecorder({}) as recorder:
+            cap, owner = ctx.capture()
         lora = _per_request_lora(cap, owner, len(ctx.requests), ctx.matrices, ctx.spec, ctx.device)
         acts = [None] * len(lora)
-        if getattr(ctx.decoder, "needs_acts", False):
-            acts = _per_request_acts(cap, owner, len(ctx.requests), ctx.matrices, ctx.decoder)
+        if needs_acts:
+            acts = _per_request_acts(cap, owner, len(ctx.requests), ctx.matrices, ctx.decoder, recorder)
         decoded = []
         for grads, stats in zip(lora, acts):
             g_hat = ctx.decoder.decode(grads, acts=stats) if stats is not None else ctx.decoder.decode(grads)

@@ -78,6 +78,8 @@ class TrainConfig(BaseModel):
         None, description="fit the activation decoders' token weights on answer gradients of this model, the pairs' "
                           "proxy (a model spec, e.g. default; see `r2f token-weights`), before training starts; None skips")
     token_weight_facts: int = Field(48, ge=MIN_TOKEN_WEIGHT_FACTS, description="packaged facts the token weights are fitted on")
+    token_weight_texts: int = Field(48, ge=0, description="training-split packaged Wikipedia texts (loss on every token) "
+                                                          "the token weights are also fitted on")
     seed: int = 0
 
     def resolved_kinds(self, spec_init: str, roles: list[str]) -> dict[str, str]:
@@ -425,7 +427,7 @@ def _token_weights(config: TrainConfig, dataset: PairDataset, matrices, kinds) -
                          f"(weights sha256 {loaded.weights_sha256[:12]}... vs {proxy['weights_sha256'][:12]}...): "
                          "name the model the pairs were generated on")
     bank = DecoderBank(decoders, proxy["model_id"], proxy["weights_sha256"])
-    coefficients = fit_token_weights_on_facts(bank, loaded, config.token_weight_facts)
+    coefficients = fit_token_weights_on_facts(bank, loaded, config.token_weight_facts, texts=config.token_weight_texts)
     return coefficients, bank.info["token_weights"]
 
 
