@@ -44,7 +44,7 @@ def test_probe_on_tiny_model_writes_json(tmp_path):
     (["demo", "--set", "pair_examples=8"], "too few for 2 training workers"),
     (["demo", "--set", "zero_stage=4"], "zero_stage"),
     (["demo", "--set", "token_weight_facts=4"], "at least 8 facts"),
-    (["train", "--pairs", "/no/such/pairs", "--output", "/tmp/x"], "pairs"),
+    (["train", "--pairs", "/no/such/pairs", "--output", "/no/such/bank"], "pairs"),
 ])
 def test_usage_errors_exit_2_with_a_clear_message(args, message):
     out = r2f(*args)

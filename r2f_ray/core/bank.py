@@ -186,9 +186,45 @@ class DecoderBank:
                         energies[n].append(energy.sum(-1).cpu())
         coefficients = {n: fit_token_coefficients(features[n], energies[n], ridge) for n in names}
         self.decoders.set_token_coefficients(coefficients)
+        self._calibrate_requests(model, input_ids, attention_mask, labels, batch_size)
         self.info["token_weights"] = {"data": data, "sequences": len(input_ids), "features": list(TOKEN_FEATURES),
-                                      "matrices": len(names), "ridge": ridge}
+                                      "matrices": len(names), "ridge": ridge, "mix": "calibrated on these sequences"}
         return coefficients
+
+    def _calibrate_requests(self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                            batch_size: int) -> None:
+        """Re-pick each activation decoder's mixing weight for the statistics requests are decoded with (token
+        weighted, per head): the grid value with the best summed cosine to the exact gradients of the given
+        sequences. (Training calibrates it on unweighted pair statistics, which favour the proxy prior more.)"""
+        device = next(model.parameters()).device
+        groups = {key: g for key, g in self.decoders.groups.items() if g.needs_acts}
+        names = [n for g in groups.values() for n in g.names]
+        totals: dict[str, Tensor] = {}
+        for start in range(0, len(input_ids), batch_size):
+            part = slice(start, start + batch_size)
+            with self.attention_recorder(model) as recorder:
+                cap = capture_gradients(model, input_ids[part].to(device), attention_mask[part].to(device),
+                                        labels[part].to(device), targets=names)
+            attention = [recorder.energies(b, cap.token_mask[b], names) for b in range(cap.batch_size)]
+            for key, group in groups.items():  # one group at a time: its dense gradients only
+                totals[key] = totals.get(key, 0) + self._request_scores(group, cap, attention)
+        self.decoders.calibrate(totals)
+
+    @torch.no_grad()
+    def _request_scores(self, group, cap, attention: list[dict[str, Tensor]]) -> Tensor:
+        """``calibration_scores`` [K, grid] of one activation group on a capture's examples as requests."""
+        grad_b, full, gram, cross = [], [], [], []
+        for i, name in enumerate(group.names):
+            a0 = group.a0[i]
+            per_example = []
+            for b in range(cap.batch_size):
+                x, d = (t.to(a0.device).float() for t in cap.factors(name, b))
+                stats = self.request_stats(name, [(x, cap.scored_tokens(b), attention[b].get(name))])
+                per_example.append((group.scaling * d.T @ (x @ a0.T.float()), d.T @ x, *stats))
+            for out, column in zip((grad_b, full, gram, cross), zip(*per_example)):
+                out.append(torch.stack(column))
+        stacked = [torch.stack(t) for t in (grad_b, full, gram, cross)]  # [K, N, ...]
+        return group.calibration_scores(None, stacked[0], stacked[1], (stacked[2], stacked[3])).double()
 
     @torch.no_grad()
     def decode(self, lora_grads: dict[str, tuple[Tensor, Tensor]],

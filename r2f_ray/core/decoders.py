@@ -391,16 +391,21 @@ class ActivationGroup(DecoderGroup):
     @torch.no_grad()
     def calibration_scores(self, grad_a, grad_b, full, acts):
         # cos(grad_B L, G) from r-sized statistics, so no grid value materialises a decoded gradient:
-        # <grad_B L, G> = <L, grad_B^T G> and ||grad_B L||^2 = <L, (grad_B^T grad_B) L>.
-        bt = grad_b.float().transpose(-1, -2)
-        cross = (bt @ full.float()).double()  # [K, N, r, d_in]; fp32 product: no fp64 copy of G
-        gram = (bt @ grad_b.float()).double()  # [K, N, r, r]
+        # <grad_B L, G> = <L, grad_B^T G> and ||grad_B L||^2 = <L, (grad_B^T grad_B) L>, summed over heads
+        # when the statistics are per head (head h's rows of grad_B and G against head h's lift).
+        heads = acts[0].shape[2] if acts[0].dim() == 5 else 1
+        k, n = grad_b.shape[:2]
+        rows = grad_b.float().reshape(k, n, heads, -1, self.r)
+        bt = rows.transpose(-1, -2)
+        cross = (bt @ full.float().reshape(k, n, heads, -1, self.d_in)).double()  # [K, N, H, r, d_in]; fp32 product
+        gram = (bt @ rows).double()  # [K, N, H, r, r]
         full_norm = torch.linalg.vector_norm(full.float(), dim=(-2, -1)).double()
         scores = []
         for value in self.calibration_grid:
             lift = self._lift(acts, torch.full((len(self),), value, device=grad_b.device), None).double()
-            dot = (lift * cross).sum(dim=(-2, -1))
-            norm = (lift * (gram @ lift)).sum(dim=(-2, -1)).clamp_min(0).sqrt()
+            lift = lift.reshape(k, n, heads, self.r, self.d_in)
+            dot = (lift * cross).sum(dim=(-3, -2, -1))
+            norm = (lift * (gram @ lift)).sum(dim=(-3, -2, -1)).clamp_min(0).sqrt()
             scores.append((dot / (norm * full_norm).clamp_min(_EPS)).sum(-1))
         return torch.stack(scores, dim=-1)
 
