@@ -292,6 +292,8 @@ def cmd_eval_decoders(args: argparse.Namespace) -> int:
 
 
 def cmd_token_weights(args: argparse.Namespace) -> int:
+    import torch
+
     from r2f_ray import assets
     from r2f_ray.core.bank import DecoderBank
     from r2f_ray.core.decoders import TOKEN_FEATURES
@@ -315,10 +317,14 @@ def cmd_token_weights(args: argparse.Namespace) -> int:
     texts = f" and {args.texts} Wikipedia texts" if args.texts else ""
     print(f"r2f token-weights: fitted on {args.facts} facts ({', '.join(relations)}){texts} of {loaded.model_id}; "
           "mean coefficient per role")
-    print(f"{'role':<10}" + "".join(f"{f:>21}" for f in TOKEN_FEATURES))
+    mixes: dict[str, list[float]] = {}
+    for group in bank.decoders.groups.values():
+        if group.needs_acts:
+            mixes.setdefault(group.role, []).extend(group.mix(request=True).detach().tolist())
+    print(f"{'role':<10}" + "".join(f"{f:>21}" for f in TOKEN_FEATURES) + f"{'request mix':>17}")
     for role, rows in by_role.items():
         mean = sum(rows) / len(rows)
-        print(f"{role:<10}" + "".join(f"{float(v):>21.3f}" for v in mean))
+        print(f"{role:<10}" + "".join(f"{float(v):>21.3f}" for v in mean) + f"{sum(mixes[role]) / len(mixes[role]):>17.3f}")
     print(f"wrote {output}")
     return 0
 

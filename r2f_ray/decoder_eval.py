@@ -242,7 +242,7 @@ def facts_eval(config: FactEvalConfig, progress: bool = True) -> dict:
                     unweighted[m.name] = activation_stats(x, a0)
             decoded = {"bank": bank.decode(lora, acts=acts or None)}
             if weighted:
-                decoded["bank, unweighted"] = bank.decode(lora, acts=unweighted)
+                decoded["bank, unweighted"] = bank.decode(lora, acts=unweighted, request=False)
             stacked = plain.stack({n: (lora[n][0][None], lora[n][1][None], full[n][None]) for n in names})
             for n, (naive, ceiling) in baseline_cosines(plain, stacked).items():
                 columns["naive"].setdefault(n, []).extend(naive.tolist())

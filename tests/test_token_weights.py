@@ -118,6 +118,28 @@ def test_per_head_statistics_decode_each_heads_rows_under_its_own_prior():
         torch.testing.assert_close(out[6 * h:6 * (h + 1)], alone[:6])
 
 
+def test_per_head_calibration_scores_are_the_decoded_cosines():
+    # calibration_scores computes cos(grad_B L, G) from r-sized products; with per-head statistics it must
+    # equal decoding each grid value for real and comparing with G.
+    torch.manual_seed(1)
+    spec = LoraSpec(r=R)
+    infos = [MatrixInfo(f"model.layers.{i}.self_attn.q_proj", i, "q_proj", D_OUT, D_IN) for i in range(2)]
+    decoders = DecoderSet(infos, spec, "activation")
+    group = decoders.groups[decoders.where[infos[0].name][0]]
+    group.init_covariance(torch.eye(D_IN).expand(2, -1, -1) + 0.2)
+    n, heads = 3, 3
+    x = torch.randn(2, n, T, D_IN)
+    a0 = group.a0
+    stats = [activation_stats(x[k], a0[k], torch.rand(n, heads, T)) for k in range(2)]
+    acts = (torch.stack([g for g, _ in stats]), torch.stack([c for _, c in stats]))  # [K, N, H, r, ...]
+    grad_b, full = torch.randn(2, n, D_OUT, R), torch.randn(2, n, D_OUT, D_IN)
+    scores = group.calibration_scores(None, grad_b, full, acts)
+    for j, value in enumerate(group.calibration_grid):
+        group.set_calibration(torch.full((2,), j))
+        decoded = group(None, grad_b, None, acts)
+        torch.testing.assert_close(scores[:, j], pair_cosine(decoded, full).sum(-1).double(), rtol=1e-4, atol=1e-5)
+
+
 def test_attention_features_are_per_head_and_the_shared_ones_unchanged():
     x = torch.randn(T, D_IN)
     energy = torch.rand(3, T) + 0.1
@@ -191,7 +213,7 @@ def request_cosines(bank: DecoderBank, weighted: bool) -> float:
         acts = {m.name: bank.request_stats(m.name, [(cap.factors(m.name, b)[0], cap.scored_tokens(b), attention.get(m.name))])
                 if weighted
                 else activation_stats(cap.factors(m.name, b)[0], probe.init[m.name][0]) for m in probe.matrices}
-        decoded = bank.decode(grads, acts=acts)
+        decoded = bank.decode(grads, acts=acts, request=weighted)
         out += [float(pair_cosine(decoded[m.name][None, None], cap.dense(m.name, b)[None, None])) for m in probe.matrices]
     return sum(out) / len(out)
 
@@ -206,6 +228,9 @@ def test_bank_fits_token_weights_on_answer_gradients_and_keeps_them(activation_b
     assert bank.info["token_weights"]["sequences"] == 24 and bank.info["token_weights"]["features"] == list(TOKEN_FEATURES)
     after = request_cosines(bank, weighted=True)
     assert after > before + 0.02, (before, after)
+    # The request mix is picked apart from the pairs' one: the bank as trained decodes exactly as before.
+    assert request_cosines(bank, weighted=False) == pytest.approx(before, abs=1e-6)
+    assert any(not torch.isnan(g.request_mix_logit).all() for g in bank.decoders.groups.values() if g.needs_acts)
     bank.save(tmp_path / "weighted")
     loaded = DecoderBank.load(tmp_path / "weighted")
     assert loaded.info["token_weights"]["data"] == "random answers"

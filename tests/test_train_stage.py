@@ -145,11 +145,12 @@ def test_two_worker_deepspeed_run_survives_a_killed_worker_and_resumes(ray_sessi
 
     # A rerun with more epochs resumes from the run's latest checkpoint (epoch 3) instead of starting over;
     # this time the activation decoders get token weights, fitted on answer gradients of the pairs' proxy.
-    more = run_training(config.model_copy(update={"epochs": 4, "token_weight_model": "tiny", "token_weight_facts": 8}),
-                        overwrite=True)
+    more = run_training(config.model_copy(update={"epochs": 4, "token_weight_model": "tiny", "token_weight_facts": 8,
+                                                  "token_weight_texts": 4}), overwrite=True)
     assert [h["epoch"] for h in more["history"]] == [1, 2, 3, 4]
     weighted = DecoderBank.load(output, model_id="tiny-llama", spec=LoraSpec(r=4, init="zero_offset"))
-    assert weighted.info["token_weights"]["sequences"] == 8 and weighted.info["token_weights"]["matrices"] == 2
+    assert weighted.info["token_weights"]["sequences"] == 12 and weighted.info["token_weights"]["matrices"] == 2
     v_group = next(g for g in weighted.decoders.groups.values() if g.kind == "activation")
     assert float(v_group.token_coef.abs().sum()) > 0
+    assert not torch.isnan(v_group.request_mix_logit).any()  # picked on the trained decoders' priors
     assert _read_state(output.with_name("bank.runs") / "train" / "checkpoint_epoch_0004")["resumed_at"][-1] == 3

@@ -121,6 +121,7 @@ class DecoderBank:
                         src_key, j = self.decoders.where[mapping[name]]
                         group.mix_logit[i].copy_(self.decoders.groups[src_key].mix_logit[j])
                         group.token_coef[i].copy_(self.decoders.groups[src_key].token_coef[j])
+                        group.request_mix_logit[i].copy_(self.decoders.groups[src_key].request_mix_logit[j])
         _init_from_covariance(decoders, {n: covariances[n] for n in needs_cov} if needs_cov else {}, ridge)
         info = {"trained": False, "transfer": {"mode": "by_role_depth", "from_model": self.model_id,
                                                "from_weights_sha256": self.weights_sha256, "mapping": mapping}}
@@ -193,9 +194,10 @@ class DecoderBank:
 
     def _calibrate_requests(self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                             batch_size: int) -> None:
-        """Re-pick each activation decoder's mixing weight for the statistics requests are decoded with (token
+        """Pick each activation decoder's mixing weight for the statistics requests are decoded with (token
         weighted, per head): the grid value with the best summed cosine to the exact gradients of the given
-        sequences. (Training calibrates it on unweighted pair statistics, which favour the proxy prior more.)"""
+        sequences. Kept apart from the pairs' mix (training calibrates that on unweighted pair statistics,
+        which want more of the proxy prior), so pair evaluation still decodes the bank as trained."""
         device = next(model.parameters()).device
         groups = {key: g for key, g in self.decoders.groups.items() if g.needs_acts}
         names = [n for g in groups.values() for n in g.names]
@@ -208,7 +210,7 @@ class DecoderBank:
             attention = [recorder.energies(b, cap.token_mask[b], names) for b in range(cap.batch_size)]
             for key, group in groups.items():  # one group at a time: its dense gradients only
                 totals[key] = totals.get(key, 0) + self._request_scores(group, cap, attention)
-        self.decoders.calibrate(totals)
+        self.decoders.calibrate(totals, request=True)
 
     @torch.no_grad()
     def _request_scores(self, group, cap, attention: list[dict[str, Tensor]]) -> Tensor:
@@ -228,11 +230,12 @@ class DecoderBank:
 
     @torch.no_grad()
     def decode(self, lora_grads: dict[str, tuple[Tensor, Tensor]],
-               acts: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, Tensor]:
+               acts: dict[str, tuple[Tensor, Tensor]] | None = None, request: bool = True) -> dict[str, Tensor]:
         """{name: (grad_A [r, d_in], grad_B [d_out, r])} -> {name: G_hat [d_out, d_in]} (fp32), batched per group.
 
-        ``acts`` {name: ``activation_stats`` of the matrix's inputs over the request's tokens}: needed by
-        the ``activation`` kind (see ``needs_acts``), ignored by the others."""
+        ``acts`` {name: statistics of the matrix's inputs over the request's tokens, ``request_stats``}:
+        needed by the ``activation`` kind (see ``needs_acts``), ignored by the others. ``request=False``
+        decodes unweighted ``activation_stats`` with the mix calibrated on pairs (the bank as trained)."""
         device = self.device
         batch = {}
         for name, (grad_a, grad_b) in lora_grads.items():
@@ -242,7 +245,7 @@ class DecoderBank:
             batch[name] = (grad_a.to(device, torch.float32).unsqueeze(0), grad_b.to(device, torch.float32).unsqueeze(0),
                            None, stats)
         self._check_shapes(batch)
-        return {name: g.squeeze(0) for name, g in self.decoders(batch).items()}
+        return {name: g.squeeze(0) for name, g in self.decoders(batch, request=request).items()}
 
     def _check_shapes(self, batch: dict[str, tuple[Tensor, Tensor]]) -> None:
         by_name = {m.name: m for m in self.matrices}
@@ -326,7 +329,8 @@ class DecoderBank:
             if k.endswith(".token_coef") and v.shape[-1] < len(TOKEN_FEATURES):
                 state[k] = torch.nn.functional.pad(v, (0, len(TOKEN_FEATURES) - v.shape[-1]))
         missing, unexpected = decoders.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith(".token_coef")]  # banks from before token weights: none fitted
+        # Banks from before token weights or request mixes: none fitted (zeros, NaN = the pairs' mix).
+        missing = [k for k in missing if not k.endswith((".token_coef", ".request_mix_logit"))]
         if missing or unexpected:
             raise ValueError(f"{path}: decoder weights do not match the manifest (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}); the bank is damaged, retrain it")

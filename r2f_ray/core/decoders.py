@@ -163,9 +163,10 @@ def fit_token_coefficients(features: list[Tensor], energies: list[Tensor], ridge
 class DecoderGroup(nn.Module):
     """K stacked decoders of one kind for matrices of one role and shape.
 
-    ``forward(grad_a, grad_b, index=None, acts=None)`` decodes; ``index`` [K'] picks a subset of the K
-    members (in that order) so a caller can decode only the matrices it has; ``acts`` are the
-    ``activation_stats`` of each (matrix, example), stacked, for kinds that read them.
+    ``forward(grad_a, grad_b, index=None, acts=None, request=False)`` decodes; ``index`` [K'] picks a subset
+    of the K members (in that order) so a caller can decode only the matrices it has; ``acts`` are the
+    ``activation_stats`` of each (matrix, example), stacked, for kinds that read them; ``request`` says
+    they are a request's token-weighted statistics (``DecoderBank.decode``) rather than a pair's.
     """
 
     kind: str = ""
@@ -204,18 +205,22 @@ class DecoderGroup(nn.Module):
         """Sum over the batch of the cosine to G for each grid value, [K, len(calibration_grid)]."""
         raise NotImplementedError(f"decoder kind {self.kind!r} has nothing to calibrate")
 
+    def set_request_calibration(self, choice: Tensor) -> None:
+        raise NotImplementedError(f"decoder kind {self.kind!r} has no request mix")
+
     def set_calibration(self, choice: Tensor) -> None:
         """``choice`` [K]: index into ``calibration_grid`` per matrix."""
         raise NotImplementedError(f"decoder kind {self.kind!r} has nothing to calibrate")
 
-    def forward(self, grad_a: Tensor | None, grad_b: Tensor, index: Tensor | None = None, acts=None) -> Tensor:
+    def forward(self, grad_a: Tensor | None, grad_b: Tensor, index: Tensor | None = None, acts=None,
+                request: bool = False) -> Tensor:
         raise NotImplementedError
 
 
 class NaiveGroup(DecoderGroup):
     kind = "naive"
 
-    def forward(self, grad_a, grad_b, index=None, acts=None):
+    def forward(self, grad_a, grad_b, index=None, acts=None, request=False):
         return grad_b.float() @ self._pick(self.a0, index).unsqueeze(1)
 
 
@@ -248,7 +253,7 @@ class LinearGroup(DecoderGroup):
         with torch.no_grad():
             self.lift.copy_(lift.to(self.lift))
 
-    def forward(self, grad_a, grad_b, index=None, acts=None):
+    def forward(self, grad_a, grad_b, index=None, acts=None, request=False):
         return grad_b.float() @ self._pick(self.lift, index).unsqueeze(1)
 
 
@@ -263,7 +268,7 @@ class MLPGroup(LinearGroup):
         # Zero output layer: training starts exactly at the (ridge-fitted) linear lift.
         self.w2 = nn.Parameter(torch.zeros(k, hidden, self.d_in))
 
-    def forward(self, grad_a, grad_b, index=None, acts=None):
+    def forward(self, grad_a, grad_b, index=None, acts=None, request=False):
         grad_b = grad_b.float()
         k, n, o, r = grad_b.shape
         linear = grad_b @ self._pick(self.lift, index).unsqueeze(1)
@@ -285,7 +290,7 @@ class TwoSidedGroup(LinearGroup):
         super().__init__(infos, spec, **options)
         self.left = nn.Parameter(torch.zeros(len(infos), self.d_out, self.r))
 
-    def forward(self, grad_a, grad_b, index=None, acts=None):
+    def forward(self, grad_a, grad_b, index=None, acts=None, request=False):
         return super().forward(grad_a, grad_b, index) + self._pick(self.left, index).unsqueeze(1) @ grad_a.float()
 
 
@@ -304,7 +309,7 @@ class SketchGroup(DecoderGroup):
         self.log_ridge = nn.Parameter(torch.full((k, 1, 1, 1), math.log(ridge)))
         self.lift = nn.Parameter(torch.zeros(k, self.r, self.d_in))
 
-    def forward(self, grad_a, grad_b, index=None, acts=None):
+    def forward(self, grad_a, grad_b, index=None, acts=None, request=False):
         grad_a, grad_b = grad_a.float(), grad_b.float()
         # Orthonormal basis of the dominant range of the range sketch, [K, N, d_out, keep].
         q = torch.linalg.svd(grad_b, full_matrices=False).U[..., : self.keep]
@@ -338,6 +343,9 @@ class ActivationGroup(DecoderGroup):
         # Token weights w_t = exp(token_coef . token_features) in the request's X^T diag(w) X; zero = every
         # token as it comes (|x_t|^2). Fitted on exact proxy gradients (``fit_token_coefficients``).
         self.register_buffer("token_coef", torch.zeros(k, len(TOKEN_FEATURES)))
+        # The mixing weight for requests' token-weighted statistics, picked when the token weights are fitted
+        # (``set_request_calibration``); NaN: requests use the pairs' mix_logit.
+        self.register_buffer("request_mix_logit", torch.full((k,), float("nan")))
 
     def token_weights(self, member: int, features: Tensor) -> Tensor:
         """Per-token weights [T] (or [H, T]) of member ``member`` for ``token_features`` [T, F] (or [H, T, F]),
@@ -380,8 +388,16 @@ class ActivationGroup(DecoderGroup):
         eye = torch.eye(self.r, dtype=gram.dtype, device=gram.device)
         return torch.linalg.solve(gram + self.ridge * scale * eye, cross).float() / self.scaling
 
-    def forward(self, grad_a, grad_b, index=None, acts=None):
-        lift = self._lift(acts, torch.sigmoid(self._pick(self.mix_logit, index)), index)
+    def mix(self, index: Tensor | None = None, request: bool = False) -> Tensor:
+        """Mixing weight of the proxy prior per member [K'] (the request mix where one was picked)."""
+        logit = self._pick(self.mix_logit, index)
+        if request:
+            picked = self._pick(self.request_mix_logit, index).to(logit)
+            logit = torch.where(torch.isnan(picked), logit, picked)
+        return torch.sigmoid(logit)
+
+    def forward(self, grad_a, grad_b, index=None, acts=None, request=False):
+        lift = self._lift(acts, self.mix(index, request), index)
         if lift.dim() == 4:
             return grad_b.float() @ lift
         k, n, heads = lift.shape[:3]  # per head: head h's rows of grad_B through its own lift
@@ -410,9 +426,17 @@ class ActivationGroup(DecoderGroup):
         return torch.stack(scores, dim=-1)
 
     def set_calibration(self, choice):
-        value = torch.tensor(self.calibration_grid, dtype=torch.float64)[choice.cpu()]
         with torch.no_grad():
-            self.mix_logit.copy_(torch.log(value / (1 - value)).to(self.mix_logit))
+            self.mix_logit.copy_(self._grid_logit(choice).to(self.mix_logit))
+
+    def set_request_calibration(self, choice: Tensor) -> None:
+        """``choice`` [K]: index into ``calibration_grid`` of each member's mix for request statistics."""
+        with torch.no_grad():
+            self.request_mix_logit.copy_(self._grid_logit(choice).to(self.request_mix_logit))
+
+    def _grid_logit(self, choice: Tensor) -> Tensor:
+        value = torch.tensor(self.calibration_grid, dtype=torch.float64)[choice.cpu()]
+        return torch.log(value / (1 - value))
 
 
 DECODERS: dict[str, type[DecoderGroup]] = {
@@ -516,17 +540,18 @@ class DecoderSet(nn.Module):
             out[key] = Stacked(present, grad_a, grad_b, full, acts)
         return out
 
-    def decode_group(self, key: str, part: Stacked) -> Tensor:
+    def decode_group(self, key: str, part: Stacked, request: bool = False) -> Tensor:
         group = self.groups[key]
         index = None if part.names == group.names else torch.tensor([self.where[n][1] for n in part.names],
                                                                      device=part.grad_b.device)
-        return group(part.grad_a, part.grad_b, index, part.acts)
+        return group(part.grad_a, part.grad_b, index, part.acts, request)
 
-    def forward(self, batch: dict[str, tuple]) -> dict[str, Tensor]:
-        """{name: (grad_a [N,r,d_in], grad_b [N,d_out,r][, full, acts])} -> {name: G_hat [N,d_out,d_in]} (fp32)."""
+    def forward(self, batch: dict[str, tuple], request: bool = False) -> dict[str, Tensor]:
+        """{name: (grad_a [N,r,d_in], grad_b [N,d_out,r][, full, acts])} -> {name: G_hat [N,d_out,d_in]} (fp32).
+        ``request``: the acts are requests' token-weighted statistics (activation decoders use their request mix)."""
         out = {}
         for key, part in self.stack(batch).items():
-            out.update(zip(part.names, self.decode_group(key, part).unbind(0)))
+            out.update(zip(part.names, self.decode_group(key, part, request).unbind(0)))
         return out
 
     def losses(self, stacked: dict, loss: str = "cosine") -> tuple[Tensor, dict[str, Tensor]]:
@@ -570,9 +595,15 @@ class DecoderSet(nn.Module):
                 out[key] = group.calibration_scores(part.grad_a, part.grad_b, part.full, part.acts).double()
         return out
 
-    def calibrate(self, scores: dict[str, Tensor]) -> None:
+    def calibrate(self, scores: dict[str, Tensor], request: bool = False) -> None:
+        """Pick each member's grid value with the best summed score [K, grid] (``calibration_scores``); with
+        ``request`` the activation decoders' request mix instead of the pairs' one."""
         for key, group_scores in scores.items():
-            self.groups[key].set_calibration(group_scores.argmax(dim=-1))
+            choice = group_scores.argmax(dim=-1)
+            if request:
+                self.groups[key].set_request_calibration(choice)
+            else:
+                self.groups[key].set_calibration(choice)
 
     @property
     def has_token_weights(self) -> bool:

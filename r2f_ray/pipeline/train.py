@@ -348,7 +348,7 @@ def run_training(config: TrainConfig, overwrite: bool = False) -> dict:
     from ray.train.torch import TorchTrainer
 
     dataset, matrices, kinds = check_config(config, overwrite)
-    token_weights = _token_weights(config, dataset, matrices, kinds)
+    token_weight_model = _token_weight_model(config, dataset, matrices, kinds)
     output = Path(config.output).resolve()
     names = [m.name for m in matrices]
     fraction = dataset.manifest["split"]["heldout_fraction"]
@@ -398,9 +398,10 @@ def run_training(config: TrainConfig, overwrite: bool = False) -> dict:
         "heldout": {"per_matrix": best_record["heldout_per_matrix"], "baselines": state["baselines"]},
     }
     bank = DecoderBank(decoders, dataset.manifest["proxy"]["model_id"], dataset.manifest["proxy"]["weights_sha256"], info)
-    if token_weights is not None:
-        bank.decoders.set_token_coefficients(token_weights[0])
-        bank.info["token_weights"] = token_weights[1]
+    if token_weight_model is not None:  # on the trained decoders: the request mix depends on their priors
+        from r2f_ray.decoder_eval import fit_token_weights_on_facts
+
+        fit_token_weights_on_facts(bank, token_weight_model, config.token_weight_facts, texts=config.token_weight_texts)
     bank.save(output, overwrite=overwrite)
     return {"output": str(output), "storage": str(storage), "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
             "wall_seconds": wall, "history": info["training"]["history"],
@@ -408,16 +409,15 @@ def run_training(config: TrainConfig, overwrite: bool = False) -> dict:
             "matrices": [m.__dict__ for m in matrices], "kinds": kinds}
 
 
-def _token_weights(config: TrainConfig, dataset: PairDataset, matrices, kinds) -> tuple[dict, dict] | None:
-    """Token-weight coefficients of the activation decoders and their record, fitted on the pairs' proxy
-    before training starts (they do not depend on the trained parameters), so a wrong model fails fast."""
+def _token_weight_model(config: TrainConfig, dataset: PairDataset, matrices, kinds):
+    """The model token weights are fitted on after training (``assets.LoadedModel``), or None; loaded and
+    checked against the pairs' proxy before training starts, so a wrong model fails fast."""
     from r2f_ray import assets
-    from r2f_ray.decoder_eval import fit_token_weights_on_facts
+    from r2f_ray.decoder_eval import token_weight_facts, wiki_texts
 
     if not config.token_weight_model:
         return None
-    decoders = DecoderSet(matrices, dataset.spec, kinds, config.options)
-    if not decoders.needs_acts:
+    if not DecoderSet(matrices, dataset.spec, kinds, config.options).needs_acts:
         raise ValueError(f"token_weight_model applies to activation decoders, and the kinds are {kinds}: "
                          "train with kind activation (or kinds for some roles), or drop token_weight_model")
     proxy = dataset.manifest["proxy"]
@@ -426,9 +426,10 @@ def _token_weights(config: TrainConfig, dataset: PairDataset, matrices, kinds) -
         raise ValueError(f"token_weight_model {config.token_weight_model!r} is not the pairs' proxy {proxy['model_id']!r} "
                          f"(weights sha256 {loaded.weights_sha256[:12]}... vs {proxy['weights_sha256'][:12]}...): "
                          "name the model the pairs were generated on")
-    bank = DecoderBank(decoders, proxy["model_id"], proxy["weights_sha256"])
-    coefficients = fit_token_weights_on_facts(bank, loaded, config.token_weight_facts, texts=config.token_weight_texts)
-    return coefficients, bank.info["token_weights"]
+    token_weight_facts(config.token_weight_facts)  # bad counts fail before training too
+    if config.token_weight_texts:
+        wiki_texts(loaded.tokenizer, config.token_weight_texts, 48, split="train")
+    return loaded
 
 
 def format_summary(summary: dict) -> str:
