@@ -226,7 +226,7 @@ class DecoderBank:
             for out, column in zip((grad_b, full, gram, cross), zip(*per_example)):
                 out.append(torch.stack(column))
         stacked = [torch.stack(t) for t in (grad_b, full, gram, cross)]  # [K, N, ...]
-        return group.calibration_scores(None, stacked[0], stacked[1], (stacked[2], stacked[3])).double()
+        return group.calibration_scores(None, stacked[0], stacked[1], (stacked[2], stacked[3]), group.request_grid).double()
 
     @torch.no_grad()
     def decode(self, lora_grads: dict[str, tuple[Tensor, Tensor]],

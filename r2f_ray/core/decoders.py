@@ -328,6 +328,9 @@ class ActivationGroup(DecoderGroup):
     needs_acts = True
     fits_ridge = True
     calibration_grid = (0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
+    # Token-weighted request statistics want little of the proxy prior (0.01, the pairs' grid floor, won
+    # everywhere on SmolLM2), so the request mix is picked on a grid that reaches further down.
+    request_grid = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 
     def __init__(self, infos, spec, ridge: float = 1e-5, mix: float = 0.5):
         super().__init__(infos, spec)
@@ -405,7 +408,7 @@ class ActivationGroup(DecoderGroup):
         return (rows @ lift).reshape(k, n, -1, self.d_in)
 
     @torch.no_grad()
-    def calibration_scores(self, grad_a, grad_b, full, acts):
+    def calibration_scores(self, grad_a, grad_b, full, acts, grid: tuple[float, ...] | None = None):
         # cos(grad_B L, G) from r-sized statistics, so no grid value materialises a decoded gradient:
         # <grad_B L, G> = <L, grad_B^T G> and ||grad_B L||^2 = <L, (grad_B^T grad_B) L>, summed over heads
         # when the statistics are per head (head h's rows of grad_B and G against head h's lift).
@@ -417,7 +420,7 @@ class ActivationGroup(DecoderGroup):
         gram = (bt @ rows).double()  # [K, N, H, r, r]
         full_norm = torch.linalg.vector_norm(full.float(), dim=(-2, -1)).double()
         scores = []
-        for value in self.calibration_grid:
+        for value in grid or self.calibration_grid:
             lift = self._lift(acts, torch.full((len(self),), value, device=grad_b.device), None).double()
             lift = lift.reshape(k, n, heads, self.r, self.d_in)
             dot = (lift * cross).sum(dim=(-3, -2, -1))
@@ -427,15 +430,16 @@ class ActivationGroup(DecoderGroup):
 
     def set_calibration(self, choice):
         with torch.no_grad():
-            self.mix_logit.copy_(self._grid_logit(choice).to(self.mix_logit))
+            self.mix_logit.copy_(self._grid_logit(self.calibration_grid, choice).to(self.mix_logit))
 
     def set_request_calibration(self, choice: Tensor) -> None:
-        """``choice`` [K]: index into ``calibration_grid`` of each member's mix for request statistics."""
+        """``choice`` [K]: index into ``request_grid`` of each member's mix for request statistics."""
         with torch.no_grad():
-            self.request_mix_logit.copy_(self._grid_logit(choice).to(self.request_mix_logit))
+            self.request_mix_logit.copy_(self._grid_logit(self.request_grid, choice).to(self.request_mix_logit))
 
-    def _grid_logit(self, choice: Tensor) -> Tensor:
-        value = torch.tensor(self.calibration_grid, dtype=torch.float64)[choice.cpu()]
+    @staticmethod
+    def _grid_logit(grid: tuple[float, ...], choice: Tensor) -> Tensor:
+        value = torch.tensor(grid, dtype=torch.float64)[choice.cpu()]
         return torch.log(value / (1 - value))
 
 
@@ -597,7 +601,7 @@ class DecoderSet(nn.Module):
 
     def calibrate(self, scores: dict[str, Tensor], request: bool = False) -> None:
         """Pick each member's grid value with the best summed score [K, grid] (``calibration_scores``); with
-        ``request`` the activation decoders' request mix instead of the pairs' one."""
+        ``request`` the activation decoders' request mix (scores over their ``request_grid``) instead."""
         for key, group_scores in scores.items():
             choice = group_scores.argmax(dim=-1)
             if request:
