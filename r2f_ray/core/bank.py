@@ -189,7 +189,7 @@ class DecoderBank:
         self.decoders.set_token_coefficients(coefficients)
         self._calibrate_requests(model, input_ids, attention_mask, labels, batch_size)
         self.info["token_weights"] = {"data": data, "sequences": len(input_ids), "features": list(TOKEN_FEATURES),
-                                      "matrices": len(names), "ridge": ridge, "mix": "calibrated on these sequences"}
+                                      "matrices": len(names), "ridge": ridge, "request_mix": "picked on these sequences"}
         return coefficients
 
     def _calibrate_requests(self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
