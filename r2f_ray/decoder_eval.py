@@ -193,16 +193,9 @@ def wiki_texts(tokenizer, count: int, tokens: int, split: str = "heldout",
     prefix, ``pairdata.split_of``)."""
     import hashlib
 
-    rows = []
-    for text in assets.corpus_texts("wiki"):
-        if split_of(hashlib.sha256(text.encode()).hexdigest()[:16], heldout_fraction) != split:
-            continue
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) >= tokens:
-            rows.append(ids[:tokens])
-            if len(rows) == count:
-                return torch.tensor(rows)
-    raise ValueError(f"only {len(rows)} {split} packaged texts have >= {tokens} tokens; ask for fewer texts or tokens")
+    texts = (t for t in assets.corpus_texts("wiki")
+             if split_of(hashlib.sha256(t.encode()).hexdigest()[:16], heldout_fraction) == split)
+    return assets.tokenize_fixed_length(tokenizer, texts, tokens, count)
 
 
 def facts_eval(config: FactEvalConfig, progress: bool = True) -> dict:

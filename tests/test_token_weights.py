@@ -322,7 +322,7 @@ def test_wiki_texts_follow_the_pair_split():
         if len(ids) >= 32:
             expected[split_of(hashlib.sha256(text.encode()).hexdigest()[:16])].append(ids[:32])
     assert heldout.tolist() == expected["heldout"][:3] and train.tolist() == expected["train"][:3]
-    with pytest.raises(ValueError, match="heldout packaged texts"):
+    with pytest.raises(ValueError, match="texts have >= 32 tokens"):
         wiki_texts(tok, 10**6, 32)
 
 

@@ -26,7 +26,7 @@ from r2f_ray.core.attention import AttentionRecorder, attention_modules
 from r2f_ray.core.capture import capture_gradients
 from r2f_ray.core.decoders import (TOKEN_FEATURES, DecoderSet, activation_stats, fit_token_coefficients, input_covariance,
                                    token_features)
-from r2f_ray.core.lora import LoraSpec
+from r2f_ray.core.lora import LoraSpec, init_factors, lora_grads_from_factors
 from r2f_ray.core.targets import MatrixInfo, resolve_targets
 from r2f_ray.io import atomic_dir
 
@@ -215,14 +215,15 @@ class DecoderBank:
     @torch.no_grad()
     def _request_scores(self, group, cap, attention: list[dict[str, Tensor]]) -> Tensor:
         """``calibration_scores`` [K, grid] of one activation group on a capture's examples as requests."""
+        infos = {m.name: m for m in self.matrices}
         grad_b, full, gram, cross = [], [], [], []
-        for i, name in enumerate(group.names):
-            a0 = group.a0[i]
+        for name in group.names:
+            a0, b0 = (t.to(group.a0.device) for t in init_factors(self.spec, infos[name]))
             per_example = []
             for b in range(cap.batch_size):
                 x, d = (t.to(a0.device).float() for t in cap.factors(name, b))
                 stats = self.request_stats(name, [(x, cap.scored_tokens(b), attention[b].get(name))])
-                per_example.append((group.scaling * d.T @ (x @ a0.T.float()), d.T @ x, *stats))
+                per_example.append((lora_grads_from_factors(x, d, a0, b0, self.spec.scaling)[1], d.T @ x, *stats))
             for out, column in zip((grad_b, full, gram, cross), zip(*per_example)):
                 out.append(torch.stack(column))
         stacked = [torch.stack(t) for t in (grad_b, full, gram, cross)]  # [K, N, ...]

@@ -41,7 +41,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from r2f_ray.core.attention import ATTENTION_ROLES
-
 from r2f_ray.core.lora import LoraSpec, init_factors
 from r2f_ray.core.targets import MatrixInfo
 
@@ -328,8 +327,8 @@ class ActivationGroup(DecoderGroup):
     needs_acts = True
     fits_ridge = True
     calibration_grid = (0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
-    # Token-weighted request statistics want little of the proxy prior (0.01, the pairs' grid floor, won
-    # everywhere on SmolLM2), so the request mix is picked on a grid that reaches further down.
+    # Token-weighted request statistics want little of the proxy prior (on SmolLM2, 0.01, the pairs' grid
+    # floor, was picked for most matrices), so the request mix is picked on a grid that reaches further down.
     request_grid = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 
     def __init__(self, infos, spec, ridge: float = 1e-5, mix: float = 0.5):
