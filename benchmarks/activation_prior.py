@@ -16,7 +16,10 @@ For the attention projections (q, k, v) three more columns use the attention pat
 (``core.attention``): ``attention model`` weights each token by its expected gradient energy under
 isotropic gradients of the attention outputs, summed over heads (a forward-only token weighting);
 ``attention, per head`` decodes each head's rows of G under its own head's weights; ``oracle per head``
-does that with each head's true |D_t|^2 (the best per-head diagonal weights).
+does that with each head's true |D_t|^2 (the best per-head diagonal weights). ``attention + output, per
+head`` weights each query position of the attention model by the gradient its own prediction sends into the
+residual stream (``core.attention.output_query_energy``), and ``output energy`` (every role) weights each token
+by that alone.
 
     python benchmarks/activation_prior.py [--examples 32] [--layers 5,15,25] --out activation_prior.json
 """
@@ -31,7 +34,7 @@ import time
 import torch
 
 from r2f_ray import assets
-from r2f_ray.core.attention import AttentionRecorder, attention_gradient_energy, per_kv_head
+from r2f_ray.core.attention import AttentionRecorder, attention_gradient_energy, output_query_energy, per_kv_head
 from r2f_ray.core.capture import capture_gradients
 from r2f_ray.core.linalg import rank_r_ceiling
 from r2f_ray.core.lora import LoraSpec, init_factors
@@ -60,19 +63,27 @@ def lift_from_covariance(c: torch.Tensor, a0: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram + 1e-9 * torch.trace(gram) * torch.eye(len(gram), dtype=gram.dtype), ac)
 
 
-ATTENTION_COLUMNS = ("attention model", "attention, per head", "oracle per head")
+ATTENTION_COLUMNS = ("attention model", "attention, per head", "attention + output, per head", "oracle per head")
 
 
-def attention_lifts(x, d, grad_b, a0, role, energy, kv_heads):
-    """G_hat of an attention projection under the attention model's weights (summed and per head) and
-    under each head's true |D_t|^2, per head: {column: G_hat}."""
-    head_energy = energy[role[0]] if role == "q_proj" else per_kv_head(energy[role[0]], kv_heads)
+def attention_lifts(x, d, grad_b, a0, role, energy, weighted_energy, kv_heads):
+    """G_hat of an attention projection under the attention model's weights (summed and per head; per head
+    with output-weighted queries) and under each head's true |D_t|^2, per head: {column: G_hat}."""
+    def heads(e):
+        return e[role[0]] if role == "q_proj" else per_kv_head(e[role[0]], kv_heads)
+
+    head_energy = heads(energy)
     hd = d.shape[1] // head_energy.shape[0]
     blocks = [slice(h * hd, (h + 1) * hd) for h in range(head_energy.shape[0])]
+
+    def per_head(weights):
+        return torch.cat([grad_b[blk] @ lift(x, w, a0) for blk, w in zip(blocks, weights)])
+
     return {
         "attention model": grad_b @ lift(x, head_energy.sum(0), a0),
-        "attention, per head": torch.cat([grad_b[blk] @ lift(x, w, a0) for blk, w in zip(blocks, head_energy)]),
-        "oracle per head": torch.cat([grad_b[blk] @ lift(x, d[:, blk].pow(2).sum(1), a0) for blk in blocks]),
+        "attention, per head": per_head(head_energy),
+        "attention + output, per head": per_head(heads(weighted_energy)),
+        "oracle per head": per_head([d[:, blk].pow(2).sum(1) for blk in blocks]),
     }
 
 
@@ -108,12 +119,15 @@ def main() -> None:
             sl = slice(start, start + 8)
             with AttentionRecorder(attention) as recorder:
                 cap = capture_gradients(loaded.model, ids[sl], None if mask is None else mask[sl],
-                                        None if labels is None else labels[sl], targets=[m.name for m in matrices])
-            energies = {}
-            for layer, module in attention.items():
-                for b in range(ids[sl].shape[0]):
+                                        None if labels is None else labels[sl], targets=[m.name for m in matrices],
+                                        output_energy=True)
+            energies, weighted, output = {}, {}, {}
+            for b in range(ids[sl].shape[0]):
+                output[b] = output_query_energy(cap.output_energy_tokens(b), cap.scored_tokens(b))
+                for layer, module in attention.items():
                     probs, q, k, v = recorder.tensors(layer, b, cap.token_mask[b])
                     energies[layer, b] = attention_gradient_energy(probs, q, k, v, module.scaling)
+                    weighted[layer, b] = attention_gradient_energy(probs, q, k, v, module.scaling, output[b])
             for m in matrices:
                 a0 = init_factors(spec, m)[0].double()
                 row = scores.setdefault(m.role, {})
@@ -122,18 +136,20 @@ def main() -> None:
                     g = d.T @ x
                     grad_b = g @ a0.T
                     lifts = {name: lift(x, weight(x), a0) for name, weight in WEIGHTS.items()}
+                    lifts["output energy"] = lift(x, output[b], a0)
                     lifts["oracle |D_t|^2"] = lift(x, d.pow(2).sum(1), a0)
                     lifts["oracle G^T G"] = lift_from_covariance(g.T @ g, a0)
                     decoded = {name: grad_b @ r for name, r in lifts.items()}
                     if m.role in ("q_proj", "k_proj", "v_proj"):
-                        decoded |= attention_lifts(x, d, grad_b, a0, m.role, energies[m.layer, b], kv_heads)
+                        decoded |= attention_lifts(x, d, grad_b, a0, m.role, energies[m.layer, b], weighted[m.layer, b],
+                                                   kv_heads)
                     for name, gh in decoded.items():
                         row.setdefault(name, []).append(float((gh * g).sum() / (gh.norm() * g.norm())))
                     row.setdefault("naive", []).append(float((grad_b @ a0 * g).sum() / ((grad_b @ a0).norm() * g.norm())))
                     row.setdefault("ceiling", []).append(float(rank_r_ceiling(torch.linalg.svdvals(g), args.rank)))
         result["by_source"][source] = {role: {k: sum(v) / len(v) for k, v in cols.items()} for role, cols in scores.items()}
         result["by_source"][source]["examples"] = len(ids)
-        cols = ["naive", *WEIGHTS, *ATTENTION_COLUMNS, "oracle |D_t|^2", "oracle G^T G", "ceiling"]
+        cols = ["naive", *WEIGHTS, "output energy", *ATTENTION_COLUMNS, "oracle |D_t|^2", "oracle G^T G", "ceiling"]
         print(f"\n{source}: cosine to the true G, mean over layers {sorted(layers)} x {len(ids)} examples (beta = 0, closed form)")
         print(f"{'role':<10}" + "".join(f"{c[:19]:>21}" for c in cols))
         for role, vals in result["by_source"][source].items():

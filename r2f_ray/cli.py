@@ -308,7 +308,7 @@ def cmd_token_weights(args: argparse.Namespace) -> int:
     loaded = assets.load_model(args.model)
     bank = DecoderBank.load(args.bank, loaded.model_id, loaded.weights_sha256)  # the bank's own proxy only
     output = args.output or args.bank
-    coefficients = fit_token_weights_on_facts(bank, loaded, args.facts, relations, texts=args.texts)
+    coefficients = fit_token_weights_on_facts(bank, loaded, args.facts, relations, texts=args.texts, progress=True)
     bank.save(output, overwrite=output == args.bank)
     by_role: dict[str, list] = {}
     for m in bank.matrices:

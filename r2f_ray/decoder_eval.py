@@ -153,7 +153,7 @@ def token_weight_facts(count: int, relations: tuple[str, ...] = TOKEN_WEIGHT_REL
 
 def fit_token_weights_on_facts(bank: DecoderBank, loaded: assets.LoadedModel, count: int = 48,
                                relations: tuple[str, ...] = TOKEN_WEIGHT_RELATIONS, texts: int = 0,
-                               text_tokens: int = 48) -> dict[str, Tensor]:
+                               text_tokens: int = 48, progress: bool = False) -> dict[str, Tensor]:
     """Fit ``bank``'s token weights on exact gradients of its proxy ``loaded`` over ``count`` packaged facts
     (``token_weight_facts``) asked as chat questions, the loss on the answer, and ``texts`` training-split
     packaged Wikipedia texts with the loss on every token (requests of both forms); returns the coefficients."""
@@ -170,7 +170,7 @@ def fit_token_weights_on_facts(bank: DecoderBank, loaded: assets.LoadedModel, co
         labels = torch.cat([F.pad(labels, (0, width - labels.shape[1]), value=IGNORE_INDEX),
                             F.pad(text_ids, (0, width - text_tokens), value=IGNORE_INDEX)])
         data += f"; {texts} training-split packaged Wikipedia texts x {text_tokens} tokens, loss on every token"
-    return bank.fit_token_weights(loaded.model, ids, mask, labels, data=data)
+    return bank.fit_token_weights(loaded.model, ids, mask, labels, data=data, progress=progress)
 
 
 class FactEvalConfig(BaseModel):
@@ -221,17 +221,18 @@ def facts_eval(config: FactEvalConfig, progress: bool = True) -> dict:
     for start in tqdm(range(0, len(ids), config.batch_size), desc=f"eval-decoders: {split}", disable=not progress):
         part = slice(start, start + config.batch_size)
         with bank.attention_recorder(loaded.model) as recorder:
-            cap = capture_gradients(loaded.model, ids[part], mask[part], labels[part], targets=names)
+            cap = capture_gradients(loaded.model, ids[part], mask[part], labels[part], targets=names,
+                                    output_energy=bank.needs_output_energy)
         for b in range(cap.batch_size):
             lora, acts, unweighted, full = {}, {}, {}, {}
-            attention = recorder.energies(b, cap.token_mask[b], names)
+            views = bank.request_views(cap, recorder, b, names)
             for m in bank.matrices:
                 x, d = cap.factors(m.name, b)
                 a0, b0 = inits[m.name]
                 lora[m.name] = lora_grads_from_factors(x, d, a0, b0, bank.spec.scaling)
                 full[m.name] = d.T.float() @ x.float()
                 if bank.needs_acts:
-                    acts[m.name] = bank.request_stats(m.name, [(x, cap.scored_tokens(b), attention.get(m.name))])
+                    acts[m.name] = bank.request_stats(m.name, [views[m.name]])
                     unweighted[m.name] = activation_stats(x, a0)
             decoded = {"bank": bank.decode(lora, acts=acts or None)}
             if weighted:
@@ -268,10 +269,14 @@ def format_eval(result: dict) -> str:
     lines = [f"{what} cosine to the true full gradient, mean over {result['matrices']} matrices x "
              f"{'' if request else str(result['pairs_evaluated']) + ' pairs of '}{result['pairs']} "
              f"(split {result['split']}); ceiling = best rank-r (truncated SVD)",
-             f"{'role':<10}" + "".join(f"{c:>11}" for c in cols)]
+             f"{'role':<10}" + "".join(f"{c:>{_width(c)}}" for c in cols)]
     for role, vals in result["by_role"].items():
-        lines.append(f"{role:<10}" + "".join(f"{vals[c]:>11.3f}" for c in cols))
+        lines.append(f"{role:<10}" + "".join(f"{vals[c]:>{_width(c)}.3f}" for c in cols))
     return "\n".join(lines)
+
+
+def _width(column: str) -> int:
+    return max(11, len(column) + 2)
 
 
 def plot_eval(result: dict, path: str) -> None:

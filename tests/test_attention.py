@@ -15,22 +15,25 @@ def attend(q, k, v, scale, groups):
     return scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(1, 1), (4, 2)])
-def test_energy_equals_expected_gradient_norm_under_isotropic_output_gradients(heads, kv_heads):
-    # For dL/do = u with u ~ N(0, I), E|dL/dx_j|^2 = sum_i J_ij^2: the squared Jacobian summed over outputs.
+@pytest.mark.parametrize("heads,kv_heads,isotropic", [(1, 1, True), (4, 2, True), (4, 2, False)])
+def test_energy_equals_expected_gradient_norm_under_independent_output_gradients(heads, kv_heads, isotropic):
+    # For dL/do_s = sigma_s u_s with u ~ N(0, I), E|dL/dx_j|^2 = sum_(s,i) sigma_s^2 J_(s,i),j^2: the squared
+    # Jacobian summed over outputs, each query position weighted by its output-gradient variance.
     torch.manual_seed(0)
     tokens, hd, scale = 6, 4, 0.7
     q = torch.randn(heads, tokens, hd, dtype=torch.float64)
     k = torch.randn(kv_heads, tokens, hd, dtype=torch.float64)
     v = torch.randn(kv_heads, tokens, hd, dtype=torch.float64)
     jq, jk, jv = torch.autograd.functional.jacobian(lambda a, b, c: attend(a, b, c, scale, heads // kv_heads), (q, k, v))
-    exact = {name: j.pow(2).sum(dim=(0, 1, 2)).sum(-1) for name, j in (("q", jq), ("k", jk), ("v", jv))}
+    sigma2 = torch.ones(tokens, dtype=torch.float64) if isotropic else torch.rand(tokens, dtype=torch.float64) * 3
+    weight = sigma2[None, :, None, None, None, None]
+    exact = {name: (j.pow(2) * weight).sum(dim=(0, 1, 2)).sum(-1) for name, j in (("q", jq), ("k", jk), ("v", jv))}
 
     groups = heads // kv_heads
     kr, vr = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
     causal = torch.ones(tokens, tokens, dtype=torch.bool).tril()
     probs = (scale * q @ kr.transpose(-1, -2)).masked_fill(~causal, float("-inf")).softmax(-1)
-    model = attention_gradient_energy(probs, q, kr, vr, scale)
+    model = attention_gradient_energy(probs, q, kr, vr, scale, None if isotropic else sigma2)
 
     torch.testing.assert_close(model["q"], exact["q"])
     torch.testing.assert_close(per_kv_head(model["k"], kv_heads), exact["k"])

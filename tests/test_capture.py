@@ -130,3 +130,24 @@ def test_another_family_equals_autograd():
     ref = _autograd_weight_grads(model, ids, mask, labels, [m.name for m in cap.matrices])
     for m in cap.matrices:
         torch.testing.assert_close(cap.dense(m.name), ref[m.name], rtol=1e-5, atol=1e-7)
+
+
+def test_output_energy_is_the_local_gradient_of_each_tokens_own_prediction(tiny):
+    # |dL/dh_t|^2 at the final norm's input, from the capture's backward, equals a backward through the final
+    # norm and the LM head alone: no position mixes after the last layer, so it is a forward-only quantity.
+    model, _ = tiny
+    ids, mask, labels = _padded_batch(model.config.vocab_size, [9, 6], seed=2)
+    labels[:, :3] = IGNORE_INDEX
+    hidden = {}
+    handle = model.model.norm.register_forward_pre_hook(lambda mod, args: hidden.__setitem__("h", args[0].detach()))
+    try:
+        cap = capture_gradients(model, ids, mask, labels, targets=["q_proj"], output_energy=True)
+    finally:
+        handle.remove()
+    h = hidden["h"].clone().requires_grad_(True)
+    local = torch.autograd.grad(example_nll(model.lm_head(model.model.norm(h)), labels).sum(), h)[0]
+    torch.testing.assert_close(cap.output_energy, local.double().pow(2).sum(-1), rtol=1e-5, atol=1e-12)
+    scored = cap.scored_tokens(0)
+    energy = cap.output_energy_tokens(0)
+    assert float(energy[~scored].abs().max()) == 0 and bool((energy[scored] > 0).all())
+    assert capture_gradients(model, ids, mask, labels, targets=["q_proj"]).output_energy is None

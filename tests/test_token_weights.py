@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from r2f_ray.assets import tiny_llama, weights_hash
-from r2f_ray.core.bank import WEIGHTS, DecoderBank
+from r2f_ray.core.attention import OUTPUT_FLOOR
+from r2f_ray.core.bank import WEIGHTS, DecoderBank, RequestView
 from r2f_ray.core.capture import IGNORE_INDEX
 from r2f_ray.core.decoders import (TOKEN_FEATURES, DecoderSet, activation_stats, fit_local, fit_token_coefficients,
                                    pair_cosine, token_features)
@@ -20,7 +22,7 @@ from r2f_ray.core.targets import MatrixInfo
 
 D_OUT, D_IN, R, T = 12, 20, 4, 12
 SCORED = torch.tensor([False] * 7 + [True] * 4 + [False])  # a prompt, a 4-token answer, the last token
-THETA = torch.tensor([0.5, -2.0, 3.0, 1.0, -1.0, 0.0])
+THETA = torch.tensor([0.5, -2.0, 3.0, 1.0, -1.0, 0.0, 0.0])
 
 
 def test_weighted_activation_stats_are_the_weighted_input_covariance():
@@ -152,6 +154,21 @@ def test_attention_features_are_per_head_and_the_shared_ones_unchanged():
     assert float(token_features(x, SCORED)[:, col].abs().sum()) == 0  # other matrices: no attention feature
 
 
+def test_output_feature_is_the_tokens_output_energy_relative_to_the_scored_mean():
+    x = torch.randn(T, D_IN)
+    output = torch.where(SCORED, torch.rand(T) + 0.5, torch.zeros(T))  # unscored tokens predict nothing in the loss
+    col = TOKEN_FEATURES.index("log_output")
+    f = token_features(x, SCORED, output=output)
+    expected = (output.double() / output[SCORED].double().mean() + OUTPUT_FLOOR).log()
+    torch.testing.assert_close(f[:, col], expected)
+    assert float(f[~SCORED, col].max()) == pytest.approx(math.log(OUTPUT_FLOOR))  # only what later tokens send
+    torch.testing.assert_close(f[:, :col], token_features(x, SCORED)[:, :col])
+    assert float(token_features(x, SCORED)[:, col].abs().sum()) == 0
+    # With attention as well: the output column is shared by every head.
+    f_heads = token_features(x, SCORED, torch.rand(2, T) + 0.1, output)
+    torch.testing.assert_close(f_heads[..., col], expected[None].expand(2, -1))
+
+
 def test_only_activation_decoders_take_token_weights():
     spec = LoraSpec(r=R)
     info = MatrixInfo("model.layers.0.mlp.down_proj", 0, "down_proj", D_OUT, D_IN)
@@ -203,14 +220,14 @@ def request_cosines(bank: DecoderBank, weighted: bool) -> float:
     probe = LoraProbe(model, SPEC)
     ids, mask, labels = qa_batch(8, seed=5)
     with bank.attention_recorder(model) as recorder:
-        cap = probe.capture(ids, mask, labels)
+        cap = probe.capture(ids, mask, labels, output_energy=bank.needs_output_energy)
     out = []
     for b in range(8):
         # Per-example LoRA gradients from the factors, as the engine computes them.
         grads = {m.name: lora_grads_from_factors(*cap.factors(m.name, b), *probe.init[m.name], SPEC.scaling)
                  for m in probe.matrices}
-        attention = recorder.energies(b, cap.token_mask[b], [m.name for m in probe.matrices])
-        acts = {m.name: bank.request_stats(m.name, [(cap.factors(m.name, b)[0], cap.scored_tokens(b), attention.get(m.name))])
+        views = bank.request_views(cap, recorder, b, [m.name for m in probe.matrices])
+        acts = {m.name: bank.request_stats(m.name, [views[m.name]])
                 if weighted
                 else activation_stats(cap.factors(m.name, b)[0], probe.init[m.name][0]) for m in probe.matrices}
         decoded = bank.decode(grads, acts=acts, request=weighted)
@@ -245,7 +262,11 @@ def test_attention_weighted_matrices_need_the_attention_energy(activation_bank):
     name = sorted(weighted)[0]
     x = torch.randn(16, next(m.d_in for m in bank.matrices if m.name == name))
     with pytest.raises(ValueError, match="attention_recorder"):
-        bank.request_stats(name, [(x, torch.ones(16, dtype=torch.bool), None)])
+        bank.request_stats(name, [RequestView(x, torch.ones(16, dtype=torch.bool), None, torch.ones(16))])
+    # The fit also uses the output energies, so requests must be captured with them.
+    assert bank.needs_output_energy and name in bank.decoders.output_weighted
+    with pytest.raises(ValueError, match="output_energy=True"):
+        bank.request_stats(name, [RequestView(x, torch.ones(16, dtype=torch.bool), torch.ones(2, 16), None)])
 
 
 def test_a_bank_saved_before_the_attention_feature_keeps_its_weights(activation_bank, tmp_path):
@@ -273,7 +294,7 @@ def test_a_bank_saved_before_token_weights_loads_unweighted(activation_bank, tmp
     assert all(float(g.token_coef.abs().sum()) == 0 for g in old.decoders.groups.values())
     name = old.matrices[0].name
     x = torch.randn(6, old.matrices[0].d_in)
-    for a, b in zip(old.request_stats(name, [(x, torch.tensor([0, 0, 1, 1, 1, 0], dtype=torch.bool), None)]),
+    for a, b in zip(old.request_stats(name, [RequestView(x, torch.tensor([0, 0, 1, 1, 1, 0], dtype=torch.bool))]),
                     activation_stats(x, init_factors(SPEC, old.matrices[0])[0])):
         torch.testing.assert_close(a, b)
 

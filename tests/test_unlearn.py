@@ -65,6 +65,18 @@ def naive_bank(model, spec=SPEC):
     return DecoderBank.naive(spec, resolve_targets(model, list(spec.target_modules)), "tiny", weights_hash(model))
 
 
+def activation_bank(model, tok) -> DecoderBank:
+    """An activation bank whose prior is the covariance of one sentence's inputs (forward passes only)."""
+    from r2f_ray.core.decoders import DecoderSet, input_covariance
+
+    ids = tok(["The weather today is mild and the market opens at nine."], return_tensors="pt").input_ids
+    decoders = DecoderSet(resolve_targets(model, list(SPEC.target_modules)), SPEC, "activation")
+    for group in decoders.groups.values():
+        cov = input_covariance(model, group.names, ids)
+        group.init_covariance(torch.stack([cov[n] for n in group.names]))
+    return DecoderBank(decoders, "tiny", weights_hash(model))
+
+
 def context(model, tok, requests, views=3, spec=SPEC):
     view_lists = [make_views(r.prompt, r.answer, views) for r in requests]
     return Context(model, tok, requests, view_lists, resolve_targets(model, list(spec.target_modules)), spec, None, UnlearnConfig())
@@ -137,21 +149,19 @@ def test_r2f_with_the_naive_bank_equals_lora_mul(fresh, taught):
     assert cosine(a, b) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_r2f_feeds_an_activation_bank_the_request_inputs(fresh, taught):
+@pytest.mark.parametrize("token_weights", [False, True])
+def test_r2f_feeds_an_activation_bank_the_request_inputs(fresh, taught, token_weights):
     # The activation kind reads forward statistics of the request's own views: its update lies closer to
     # the exact multi-view gradient than the naive lift's (and it could not decode at all without them).
-    from r2f_ray.core.decoders import DecoderSet, input_covariance
-
+    # Fitted token weights also read the output energies and attention pattern of the request's forward
+    # pass; the engine records both (request_stats refuses to decode without them).
     model, tok = fresh
-    matrices = resolve_targets(model, list(SPEC.target_modules))
-    names = [m.name for m in matrices]
-    ids = tok(["The weather today is mild and the market opens at nine."], return_tensors="pt").input_ids
-    decoders = DecoderSet(matrices, SPEC, "activation")
-    for group in decoders.groups.values():
-        cov = input_covariance(model, group.names, ids)
-        group.init_covariance(torch.stack([cov[n] for n in group.names]))
-    bank = DecoderBank(decoders, "tiny", weights_hash(model))
+    names = [m.name for m in resolve_targets(model, list(SPEC.target_modules))]
+    bank = activation_bank(model, tok)
     assert bank.needs_acts
+    if token_weights:
+        bank.fit_token_weights(model, *encode_pairs(tok, [(r.prompt, r.answer) for r in DEFAULT_RETAIN]), data="retain set")
+        assert bank.needs_output_energy and bank.decoders.attention_weighted
     copies = [copy.deepcopy(taught[0]) for _ in range(2)]
     act = unlearn(model, tok, FACTS[:1], decoder=bank, views=3, step=0.4)
     naive = unlearn(copies[0], tok, FACTS[:1], decoder=naive_bank(copies[0]), views=3, step=0.4)

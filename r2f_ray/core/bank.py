@@ -13,22 +13,37 @@ refused.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import get_args
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from r2f_ray.config import TransferMode
-from r2f_ray.core.attention import AttentionRecorder, attention_modules
-from r2f_ray.core.capture import capture_gradients
+from r2f_ray.core.attention import AttentionRecorder, attention_modules, output_query_energy
+from r2f_ray.core.capture import Capture, capture_gradients
 from r2f_ray.core.decoders import (TOKEN_FEATURES, DecoderSet, activation_stats, fit_token_coefficients, input_covariance,
                                    token_features)
 from r2f_ray.core.lora import LoraSpec, init_factors, lora_grads_from_factors
 from r2f_ray.core.targets import MatrixInfo, resolve_targets
 from r2f_ray.io import atomic_dir
+
+
+@dataclass
+class RequestView:
+    """One sequence of a request as a matrix's token weights see it (``DecoderBank.request_views``): the
+    matrix's inputs ``x`` [T, d_in] over the tokens that carry gradient, ``scored`` [T] bool, the attention
+    energy [H, T] of its heads (q, k, v) and the output energy [T] (``Capture.output_energy``); either is
+    None where the bank's token weights do not use it."""
+
+    x: Tensor
+    scored: Tensor
+    attention: Tensor | None = None
+    output: Tensor | None = None
+
 
 FORMAT = "r2f-decoder-bank/1"
 MANIFEST = "manifest.json"
@@ -134,19 +149,28 @@ class DecoderBank:
         """True when some decoder reads the request's input activation statistics (``decode(..., acts=)``)."""
         return self.decoders.needs_acts
 
-    def request_stats(self, name: str, views: list[tuple[Tensor, Tensor, Tensor | None]]) -> tuple[Tensor, Tensor]:
-        """``activation_stats`` of one request's inputs to matrix ``name`` over its views, each a triple
-        (x [T, d_in] over the tokens that carry gradient, scored [T] bool, attention energy [H, T] or None;
-        see ``attention_recorder``), every token weighted by the matrix's token weights (as it comes where
-        none were fitted); per head [H, ...] when the matrix's weights use the attention feature."""
+    @property
+    def needs_output_energy(self) -> bool:
+        """True when the token weights use the output-energy feature: capture requests with
+        ``capture_gradients(..., output_energy=True)``; their attention energies then weight each query by it."""
+        return bool(self.decoders.output_weighted)
+
+    def request_stats(self, name: str, views: list[RequestView]) -> tuple[Tensor, Tensor]:
+        """``activation_stats`` of one request's inputs to matrix ``name`` over its views (``request_views``),
+        every token weighted by the matrix's token weights (as it comes where none were fitted); per head
+        [H, ...] when the matrix's weights use the attention feature."""
         key, i = self.decoders.where[name]
         a0 = self.decoders.groups[key].a0[i]
-        x = torch.cat([v[0] for v in views]).to(a0.device)
-        energy = [v[2] if name in self.decoders.attention_weighted else None for v in views]
-        if any(e is None for e in energy) and name in self.decoders.attention_weighted:
+        if name in self.decoders.attention_weighted and any(v.attention is None for v in views):
             raise ValueError(f"{name}: its token weights use the attention feature; pass each view's attention "
                              "energy (record the forward pass with DecoderBank.attention_recorder)")
-        features = torch.cat([token_features(v[0], v[1], e) for v, e in zip(views, energy)], dim=-2).to(a0.device)
+        if name in self.decoders.output_weighted and any(v.output is None for v in views):
+            raise ValueError(f"{name}: its token weights use the output-energy feature; capture the request with "
+                             "capture_gradients(..., output_energy=True)")
+        attention_weighted = name in self.decoders.attention_weighted
+        features = torch.cat([token_features(v.x, v.scored, v.attention if attention_weighted else None, v.output)
+                              for v in views], dim=-2).to(a0.device)
+        x = torch.cat([v.x for v in views]).to(a0.device)
         return activation_stats(x, a0, self.decoders.token_weights(name, features))
 
     def attention_recorder(self, model: torch.nn.Module) -> AttentionRecorder:
@@ -154,46 +178,50 @@ class DecoderBank:
         target); records nothing when no decoder's token weights use the attention feature."""
         return AttentionRecorder(attention_modules(model, sorted(self.decoders.attention_weighted)))
 
+    def request_views(self, cap: Capture, recorder: AttentionRecorder, example: int, names: list[str]) -> dict[str, RequestView]:
+        """{name: ``RequestView``} of one example of a capture made under ``attention_recorder`` (with
+        ``output_energy=needs_output_energy``)."""
+        return _views(cap, recorder, example, names, self.needs_output_energy)
+
     def fit_token_weights(self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                          data: str, batch_size: int = 8, ridge: float = 1e-3) -> dict[str, Tensor]:
+                          data: str, batch_size: int = 8, ridge: float = 1e-3, progress: bool = False) -> dict[str, Tensor]:
         """Fit the token weights of every activation decoder on exact gradients of ``model`` (the bank's
         proxy) over labelled sequences, e.g. question/answer chats with the loss on the answer, the form
-        of forget requests. ``data`` says what they are, for the manifest. q, k and v weights include the
-        attention feature, fitted per head on each head's share of |D_t|^2. Returns the coefficients."""
+        of forget requests. ``data`` says what they are, for the manifest. Every weight includes the output
+        energy; q, k and v weights the attention feature too (its queries weighted by the output energy),
+        fitted per head on each head's share of |D_t|^2. Returns the coefficients."""
         names = [m.name for m in self.matrices if self.decoders.groups[self.decoders.where[m.name][0]].needs_acts]
         if not names:
             raise ValueError(f"the bank has no activation decoders (kinds {self.kinds}): token weights do not apply")
         device = next(model.parameters()).device
         features: dict[str, list[Tensor]] = {n: [] for n in names}
         energies: dict[str, list[Tensor]] = {n: [] for n in names}
-        for start in range(0, len(input_ids), batch_size):
+        for start in tqdm(range(0, len(input_ids), batch_size), desc="token weights: fit", disable=not progress):
             part = slice(start, start + batch_size)
             with AttentionRecorder(attention_modules(model, names)) as recorder:
                 cap = capture_gradients(model, input_ids[part].to(device), attention_mask[part].to(device),
-                                        labels[part].to(device), targets=names)
+                                        labels[part].to(device), targets=names, output_energy=True)
             for b in range(cap.batch_size):
-                scored = cap.scored_tokens(b)
-                attention = recorder.energies(b, cap.token_mask[b], names)
-                for n in names:
-                    x, d = cap.factors(n, b)
-                    energy = d.double().pow(2)
-                    if n in attention:  # one sequence per head: its rows of D against its own attention energy
-                        heads = attention[n].shape[0]
+                views = _views(cap, recorder, b, names, output=True)
+                for n, view in views.items():
+                    energy = cap.factors(n, b)[1].double().pow(2)
+                    if view.attention is not None:  # one sequence per head: its rows of D against its own attention energy
+                        heads = view.attention.shape[0]
                         per_head = energy.view(len(energy), heads, -1).sum(-1).T
-                        features[n].extend(token_features(x, scored, attention[n]).cpu().unbind(0))
+                        features[n].extend(token_features(view.x, view.scored, view.attention, view.output).cpu().unbind(0))
                         energies[n].extend(per_head.cpu().unbind(0))
                     else:
-                        features[n].append(token_features(x, scored).cpu())
+                        features[n].append(token_features(view.x, view.scored, None, view.output).cpu())
                         energies[n].append(energy.sum(-1).cpu())
         coefficients = {n: fit_token_coefficients(features[n], energies[n], ridge) for n in names}
         self.decoders.set_token_coefficients(coefficients)
-        self._calibrate_requests(model, input_ids, attention_mask, labels, batch_size)
+        self._calibrate_requests(model, input_ids, attention_mask, labels, batch_size, progress)
         self.info["token_weights"] = {"data": data, "sequences": len(input_ids), "features": list(TOKEN_FEATURES),
                                       "matrices": len(names), "ridge": ridge, "request_mix": "picked on these sequences"}
         return coefficients
 
     def _calibrate_requests(self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                            batch_size: int) -> None:
+                            batch_size: int, progress: bool = False) -> None:
         """Pick each activation decoder's mixing weight for the statistics requests are decoded with (token
         weighted, per head): the grid value with the best summed cosine to the exact gradients of the given
         sequences. Kept apart from the pairs' mix (training calibrates that on unweighted pair statistics,
@@ -202,18 +230,18 @@ class DecoderBank:
         groups = {key: g for key, g in self.decoders.groups.items() if g.needs_acts}
         names = [n for g in groups.values() for n in g.names]
         totals: dict[str, Tensor] = {}
-        for start in range(0, len(input_ids), batch_size):
+        for start in tqdm(range(0, len(input_ids), batch_size), desc="token weights: request mix", disable=not progress):
             part = slice(start, start + batch_size)
             with self.attention_recorder(model) as recorder:
                 cap = capture_gradients(model, input_ids[part].to(device), attention_mask[part].to(device),
-                                        labels[part].to(device), targets=names)
-            attention = [recorder.energies(b, cap.token_mask[b], names) for b in range(cap.batch_size)]
+                                        labels[part].to(device), targets=names, output_energy=self.needs_output_energy)
+            views = [self.request_views(cap, recorder, b, names) for b in range(cap.batch_size)]
             for key, group in groups.items():  # one group at a time: its dense gradients only
-                totals[key] = totals.get(key, 0) + self._request_scores(group, cap, attention)
+                totals[key] = totals.get(key, 0) + self._request_scores(group, cap, views)
         self.decoders.calibrate(totals, request=True)
 
     @torch.no_grad()
-    def _request_scores(self, group, cap, attention: list[dict[str, Tensor]]) -> Tensor:
+    def _request_scores(self, group, cap, views: list[dict[str, RequestView]]) -> Tensor:
         """``calibration_scores`` [K, grid] of one activation group on a capture's examples as requests."""
         infos = {m.name: m for m in self.matrices}
         grad_b, full, gram, cross = [], [], [], []
@@ -222,7 +250,7 @@ class DecoderBank:
             per_example = []
             for b in range(cap.batch_size):
                 x, d = (t.to(a0.device).float() for t in cap.factors(name, b))
-                stats = self.request_stats(name, [(x, cap.scored_tokens(b), attention[b].get(name))])
+                stats = self.request_stats(name, [views[b][name]])
                 per_example.append((lora_grads_from_factors(x, d, a0, b0, self.spec.scaling)[1], d.T @ x, *stats))
             for out, column in zip((grad_b, full, gram, cross), zip(*per_example)):
                 out.append(torch.stack(column))
@@ -370,3 +398,13 @@ def _init_from_covariance(decoders: DecoderSet, covariances: dict[str, Tensor], 
             if missing:
                 raise ValueError(f"no input covariance for {missing[:3]}")
             group.init_covariance(torch.stack([covariances[n] for n in group.names]), ridge)
+
+
+def _views(cap: Capture, recorder: AttentionRecorder, example: int, names: list[str], output: bool) -> dict[str, RequestView]:
+    """``RequestView`` per matrix of one example; with ``output`` the output energies, which also weight
+    the attention energies' query positions (``output_query_energy``)."""
+    scored = cap.scored_tokens(example)
+    energy = cap.output_energy_tokens(example) if output else None
+    sigma = None if energy is None else output_query_energy(energy, scored)
+    attention = recorder.energies(example, cap.token_mask[example], names, sigma)
+    return {n: RequestView(cap.factors(n, example)[0], scored, attention.get(n), energy) for n in names}

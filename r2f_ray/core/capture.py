@@ -68,6 +68,8 @@ class Capture:
     ``token_mask`` selects the tokens that carry gradient; ``loss`` is the per-example loss [B];
     ``scored`` marks the positions whose prediction is in the loss [B, T] (``scored_positions``).
     ``extra_grads`` holds gradients of any extra parameters asked for (e.g. LoRA adapters).
+    ``output_energy`` [B, T] (when asked for) is |dL/dh_t|^2 at the input of the model's final norm: the
+    gradient each token's own prediction sends into the residual stream (``final_norm``).
     """
 
     matrices: list[MatrixInfo]
@@ -77,6 +79,7 @@ class Capture:
     loss: Tensor
     scored: Tensor
     extra_grads: dict[str, Tensor] = field(default_factory=dict)
+    output_energy: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -91,6 +94,12 @@ class Capture:
         """``scored`` of one example over the tokens ``factors`` returns, [T_b] bool."""
         return self.scored[example][self.token_mask[example]]
 
+    def output_energy_tokens(self, example: int) -> Tensor:
+        """``output_energy`` of one example over the tokens ``factors`` returns, [T_b]."""
+        if self.output_energy is None:
+            raise ValueError("this capture has no output energy: capture with output_energy=True")
+        return self.output_energy[example][self.token_mask[example]]
+
     def dense(self, name: str, example: int | None = None) -> Tensor:
         """Dense fp32 gradient G = D^T X of one example, or of the batch (the sum) when example is None."""
         mask = self.token_mask.unsqueeze(-1)
@@ -98,6 +107,20 @@ class Capture:
         if example is None:
             return torch.einsum("bto,bti->oi", d, x)
         return d[example].T @ x[example]
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the last decoder layer and the LM head (Llama-family layout: ``model.norm``, also
+    under a PEFT wrapper).
+
+    The gradient at its input, token by token, depends only on that token's own prediction: after the last
+    layer no operation mixes positions. So it is a forward-only quantity (one local backward through the
+    norm and the head), whatever pass computes it."""
+    found = [m for name, m in model.named_modules() if name.endswith("model.norm") and ".layers." not in name]
+    if len(found) != 1:
+        raise ValueError(f"{type(model).__name__}: expected one final norm at model.norm, found {len(found)}; output "
+                         "energies support Llama-family causal LMs (Llama, Gemma 3, Qwen, Mistral layouts)")
+    return found[0]
 
 
 def capture_gradients(
@@ -108,12 +131,14 @@ def capture_gradients(
     targets: str | list[str] | tuple[str, ...] | None = None,
     extra_params: dict[str, Tensor] | None = None,
     reduction: str = "mean",
+    output_energy: bool = False,
 ) -> Capture:
     """One forward and backward pass; returns per-example gradient factors for the target matrices.
 
     The loss is the sum over examples of each example's NLL (``reduction`` over its labelled tokens),
     so the batch gradient is the sum of the per-example gradients. ``labels`` default to the input ids
-    with padding ignored; set prompt tokens to -100 to restrict the loss to an answer.
+    with padding ignored; set prompt tokens to -100 to restrict the loss to an answer. ``output_energy``
+    also returns each token's |dL/dh_t|^2 at the final norm's input (``Capture.output_energy``).
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -143,23 +168,36 @@ def capture_gradients(
         return hook
 
     handles = [find_module(model, m.name).register_forward_hook(make_hook(m.name)) for m in matrices]
+    if output_energy:
+        def final_hook(module: nn.Module, args: tuple):
+            hidden = args[0] if args[0].requires_grad else args[0].detach().requires_grad_(True)
+            outputs["<final>"] = hidden
+            return (hidden, *args[1:])
+
+        handles.append(final_norm(model).register_forward_pre_hook(final_hook))
     try:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     finally:
         for h in handles:
             h.remove()
     missing = [m.name for m in matrices if m.name not in outputs]
+    if output_energy and "<final>" not in outputs:
+        missing.append("final norm")
     if missing:
         raise RuntimeError(f"target modules did not run in the forward pass: {missing[:3]}")
 
     per_example = example_nll(logits, labels, reduction)
     extra = dict(extra_params or {})
     wrt = [outputs[m.name] for m in matrices] + list(extra.values())
+    if output_energy:
+        wrt.append(outputs["<final>"])
     grads = torch.autograd.grad(per_example.sum(), wrt, allow_unused=True)
+    energy = grads[-1].detach().double().pow(2).sum(-1) if output_energy else None
     output_grads = {}
     for m, g in zip(matrices, grads[: len(matrices)]):
         output_grads[m.name] = g if g is not None else torch.zeros_like(outputs[m.name])
     extra_grads = {}
-    for (k, p), g in zip(extra.items(), grads[len(matrices):]):
+    for (k, p), g in zip(extra.items(), grads[len(matrices):len(matrices) + len(extra)]):
         extra_grads[k] = g if g is not None else torch.zeros_like(p)
-    return Capture(matrices, inputs, output_grads, token_mask, per_example.detach(), scored_positions(labels), extra_grads)
+    return Capture(matrices, inputs, output_grads, token_mask, per_example.detach(), scored_positions(labels), extra_grads,
+                   energy)

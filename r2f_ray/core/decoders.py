@@ -19,9 +19,11 @@ Kinds (``DECODERS``; adding one is a class plus an entry):
   activations X^T diag(w) X (rows of G = D^T X lie in the row space of X). The activation statistics come
   from forward passes only; the mixing weight is calibrated per matrix on proxy pairs. Token weights w_t
   estimate each token's gradient energy |D_t|^2 from forward-only features (``token_features``) with
-  coefficients fitted per matrix on exact proxy gradients; without them every token counts as is. For q,
-  k and v one feature is the energy the request's attention pattern implies (``core.attention``), per
-  head, and each head's rows of G are then decoded under its own head's statistics.
+  coefficients fitted per matrix on exact proxy gradients; without them every token counts as is. One
+  feature is the gradient each token's own prediction sends into the residual stream (the loss's local
+  gradient at the final norm). For q, k and v another is the energy the request's attention pattern
+  implies (``core.attention``), per head, and each head's rows of G are then decoded under its own head's
+  statistics.
   Needs ``acts``.
 - ``sketch``: the two-sided randomized sketch reconstruction. With Y = grad_B = s G A0^T (range
   sketch) and W = grad_A = s B0^T G (co-range sketch), Q = orth(Y) and G ~= Q (s B0^T Q)^+ W, exact
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from r2f_ray.core.attention import ATTENTION_ROLES
+from r2f_ray.core.attention import ATTENTION_ROLES, output_query_energy
 from r2f_ray.core.lora import LoraSpec, init_factors
 from r2f_ray.core.targets import MatrixInfo
 
@@ -113,18 +115,21 @@ def activation_stats(x: Tensor, a0: Tensor, weights: Tensor | None = None) -> tu
 
 
 # Per-token features of the activation prior's token weights (``token_features``).
-TOKEN_FEATURES = ("log_norm", "first", "scored", "log_scored_after", "log_to_first_scored", "log_attention")
+TOKEN_FEATURES = ("log_norm", "first", "scored", "log_scored_after", "log_to_first_scored", "log_attention",
+                  "log_output")
 
 
-def token_features(x: Tensor, scored: Tensor, attention: Tensor | None = None) -> Tensor:
+def token_features(x: Tensor, scored: Tensor, attention: Tensor | None = None, output: Tensor | None = None) -> Tensor:
     """Forward-only features of one sequence's gradient-carrying tokens, in ``TOKEN_FEATURES`` order:
     [T, F], or [H, T, F] with ``attention``.
 
     ``x`` [T, d_in] are the tokens' inputs to the matrix, ``scored`` [T] bool whether a token's next-token
     prediction is in the loss. Features: log |x_t|^2, first token (the attention sink), scored, log(1 + scored
-    tokens from t on), log(1 + distance to the first scored token), and for q, k and v the log of each
-    head's expected gradient energy from the attention pattern, ``attention`` [H, T]
-    (``core.attention.attention_gradient_energy``; zero for other matrices). Positions count relative to
+    tokens from t on), log(1 + distance to the first scored token); for q, k and v the log of each head's
+    expected gradient energy from the attention pattern, ``attention`` [H, T]
+    (``core.attention.attention_gradient_energy``; zero for other matrices); and the log of the gradient the
+    token's own prediction sends into the residual stream, from ``output`` [T] (``Capture.output_energy``,
+    relative as in ``core.attention.output_query_energy``; zero when not given). Positions count relative to
     the scored span, never from the start of a chat template, so the weights carry over between templates
     and models.
     """
@@ -133,14 +138,17 @@ def token_features(x: Tensor, scored: Tensor, attention: Tensor | None = None) -
     pos = torch.arange(len(s), dtype=torch.float64, device=x.device)
     after = s.flip(0).cumsum(0).flip(0)
     first = pos[s > 0].min() if bool((s > 0).any()) else pos.new_tensor(float(len(s)))
+    log_out = torch.zeros_like(s) if output is None else output_query_energy(output.to(x.device), scored).log()
     shared = torch.stack([x.pow(2).sum(-1).clamp_min(_EPS).log(), (pos == 0).double(), s, torch.log1p(after),
-                          torch.log1p((first - pos).clamp_min(0)), torch.zeros_like(s)], dim=-1)
+                          torch.log1p((first - pos).clamp_min(0)), torch.zeros_like(s), log_out], dim=-1)
     if attention is None:
         return shared
     e = attention.double().to(x.device)
     # Relative to each head's largest token, floored: a token no query sees has energy 0, not log 0.
     log_e = (e / e.amax(-1, keepdim=True).clamp_min(_EPS)).clamp_min(1e-8).log()
-    return torch.cat([shared.expand(len(e), -1, -1)[..., :-1], log_e[..., None]], dim=-1)
+    features = shared.expand(len(e), -1, -1).clone()
+    features[..., TOKEN_FEATURES.index("log_attention")] = log_e
+    return features
 
 
 def fit_token_coefficients(features: list[Tensor], energies: list[Tensor], ridge: float = 1e-3) -> Tensor:
@@ -616,8 +624,17 @@ class DecoderSet(nn.Module):
     @property
     def attention_weighted(self) -> set[str]:
         """Names of the q, k, v matrices whose token weights use the attention feature (decoded per head)."""
-        col = TOKEN_FEATURES.index("log_attention")
-        return {name for g in self.groups.values() if g.needs_acts and g.role in ATTENTION_ROLES
+        return self._using("log_attention", ATTENTION_ROLES)
+
+    @property
+    def output_weighted(self) -> set[str]:
+        """Names of the matrices whose token weights use the output-energy feature (their requests need
+        ``capture_gradients(..., output_energy=True)``; their attention feature then weights queries by it)."""
+        return self._using("log_output")
+
+    def _using(self, feature: str, roles=None) -> set[str]:
+        col = TOKEN_FEATURES.index(feature)
+        return {name for g in self.groups.values() if g.needs_acts and (roles is None or g.role in roles)
                 for name, coef in zip(g.names, g.token_coef) if float(coef[col]) != 0}
 
     def token_weights(self, name: str, features: Tensor) -> Tensor | None:

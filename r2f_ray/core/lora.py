@@ -116,11 +116,11 @@ class LoraProbe:
                 layer.lora_B[ADAPTER].weight.copy_(b0)
 
     def capture(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
-                reduction: str = "mean") -> Capture:
+                reduction: str = "mean", output_energy: bool = False) -> Capture:
         """One real PEFT backward: per-example full-gradient factors of every adapted matrix, plus the
         batch's LoRA gradients in ``extra_grads`` (keys ``<name>.A`` and ``<name>.B``)."""
         return capture_gradients(self.model, input_ids, attention_mask, labels, [m.name for m in self.matrices],
-                                 extra_params=self.lora_parameters(), reduction=reduction)
+                                 extra_params=self.lora_parameters(), reduction=reduction, output_energy=output_energy)
 
 
 def lora_grads_from_dense(g: Tensor, a0: Tensor, b0: Tensor, scaling: float) -> tuple[Tensor, Tensor]:

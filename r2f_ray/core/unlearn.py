@@ -279,9 +279,10 @@ class Context:
                 owner.append(i)
         return (*encode_pairs(self.tokenizer, pairs, self.device), owner)
 
-    def capture(self, single_view: bool = False) -> tuple[Capture, list[int]]:
+    def capture(self, single_view: bool = False, output_energy: bool = False) -> tuple[Capture, list[int]]:
         ids, mask, labels, owner = self.batch(single_view)
-        return capture_gradients(self.model, ids, mask, labels, [m.name for m in self.matrices]), owner
+        return capture_gradients(self.model, ids, mask, labels, [m.name for m in self.matrices],
+                                 output_energy=output_energy), owner
 
     def weight(self, name: str) -> Tensor:
         if name not in self._weights:
@@ -327,13 +328,11 @@ def _per_request_acts(cap: Capture, owner: list[int], n_requests: int, matrices:
     """Forward-only statistics of each matrix's inputs over each request's views (``DecoderBank.request_stats``),
     with the attention energies ``recorder`` holds for the capture's forward pass."""
     names = [m.name for m in matrices]
-    attention = [recorder.energies(b, cap.token_mask[b], names) for b in range(cap.batch_size)]
+    views = [decoder.request_views(cap, recorder, b, names) for b in range(cap.batch_size)]
     out = [{} for _ in range(n_requests)]
     for name in names:
         for i in range(n_requests):
-            views = [(cap.factors(name, b)[0].float(), cap.scored_tokens(b), attention[b].get(name))
-                     for b, o in enumerate(owner) if o == i]
-            out[i][name] = decoder.request_stats(name, views)
+            out[i][name] = decoder.request_stats(name, [views[b][name] for b, o in enumerate(owner) if o == i])
     return out
 
 
@@ -381,7 +380,7 @@ class R2F(Method):
     def propose(self, ctx: Context) -> Proposal:
         needs_acts = getattr(ctx.decoder, "needs_acts", False)
         with ctx.decoder.attention_recorder(ctx.model) if needs_acts else AttentionRecorder({}) as recorder:
-            cap, owner = ctx.capture()
+            cap, owner = ctx.capture(output_energy=needs_acts and ctx.decoder.needs_output_energy)
         lora = _per_request_lora(cap, owner, len(ctx.requests), ctx.matrices, ctx.spec, ctx.device)
         acts = [None] * len(lora)
         if needs_acts:

@@ -401,7 +401,8 @@ def run_training(config: TrainConfig, overwrite: bool = False) -> dict:
     if token_weight_model is not None:  # on the trained decoders: the request mix depends on their priors
         from r2f_ray.decoder_eval import fit_token_weights_on_facts
 
-        fit_token_weights_on_facts(bank, token_weight_model, config.token_weight_facts, texts=config.token_weight_texts)
+        fit_token_weights_on_facts(bank, token_weight_model, config.token_weight_facts, texts=config.token_weight_texts,
+                                   progress=True)
     bank.save(output, overwrite=overwrite)
     return {"output": str(output), "storage": str(storage), "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
             "wall_seconds": wall, "history": info["training"]["history"],
