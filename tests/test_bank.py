@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from r2f_ray.core.bank import DecoderBank
-from r2f_ray.core.decoders import DecoderSet
+from r2f_ray.core.decoders import TOKEN_FEATURES, DecoderSet
 from r2f_ray.core.lora import LoraProbe, LoraSpec, init_factors, naive_lift
 
 
@@ -200,7 +200,7 @@ def test_map_by_role_depth_to_other_shapes(tiny):
     unweighted = bank.map_by_role_depth(target_probe.matrices, spec, "tiny-96", "11" * 32, cov)
     assert not unweighted.decoders.has_token_weights and "token_weights" not in unweighted.info
     v_names = [m.name for m in bank.matrices if m.role == "v_proj"]
-    bank.decoders.set_token_coefficients({n: torch.tensor([0.5, -1.0, 2.0, 1.0, -0.5, 0.7]) * (i + 1) for i, n in enumerate(v_names)})
+    bank.decoders.set_token_coefficients({n: torch.tensor([0.5, -1.0, 2.0, 1.0, -0.5, 0.7, 0.4]) * (i + 1) for i, n in enumerate(v_names)})
     bank.info["token_weights"] = {"data": "test"}
     mapped = bank.map_by_role_depth(target_probe.matrices, spec, "tiny-96", "11" * 32, cov)
     assert mapped.kinds["q_proj"] == "sketch" and mapped.kinds["down_proj"] == "linear"
@@ -210,7 +210,7 @@ def test_map_by_role_depth_to_other_shapes(tiny):
     assert mapped.decoders.has_token_weights and mapped.info["token_weights"] == {"data": "test"}
     for name, source in mapped.info["transfer"]["mapping"].items():
         if "v_proj" in name:
-            features = torch.randn(5, 6)
+            features = torch.randn(5, len(TOKEN_FEATURES))
             torch.testing.assert_close(mapped.decoders.token_weights(name, features), bank.decoders.token_weights(source, features))
     grads, cap = lora_grads(target_probe, ids[:1])
     from r2f_ray.core.decoders import activation_stats

@@ -651,6 +651,9 @@ class DecoderSet(nn.Module):
             group = self.groups[key]
             if not group.needs_acts:
                 raise ValueError(f"{name} has a {group.kind} decoder, which has no token weights")
+            if tuple(theta.shape) != (len(TOKEN_FEATURES),):
+                raise ValueError(f"{name}: got {tuple(theta.shape)} token-weight coefficients, expected one per feature "
+                                 f"{TOKEN_FEATURES}")
             with torch.no_grad():
                 group.token_coef[i].copy_(theta.to(group.token_coef))
 
