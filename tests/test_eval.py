@@ -143,6 +143,9 @@ def test_harness_end_to_end_writes_json_markdown_and_html(taught, tmp_path):
             assert rows[("fused_exact", fact)]["step"] == rows[("exact_multiview", fact)]["step"]
             assert rows[("fused_exact", fact)]["recon_cosine"] == pytest.approx(1.0, abs=1e-4)
     assert len(result["sequential"]["exact_multiview"]) == 1
+    # The auto rule's trials are kept per row, so the table can say what a stricter budget would forget.
+    assert all(r["trials"] for r in result["rows"] if r["method"] == "exact_multiview")
+    assert table["exact_multiview"]["usr_at_0.1x_kl"]["n"] == 1
     paths = write_reports(result, tmp_path / "out")
     assert json.loads(open(paths["json"]).read())["model"] == "tiny-taught"
     md = open(paths["markdown"]).read()
@@ -170,7 +173,7 @@ def _part(methods, facts, bank="bank-a", budget=0.1, forgotten=()):
              "step": 0.1} for m in methods for f in facts]
     return {"what": "test", "model": "m", "weights_sha256": "00", "bank": bank, "rows": rows, "table": {}, "wall_s": 1.0,
             "config": {"methods": methods, "bank": bank, "facts": len(facts), "fact_offset": 0, "runs": 1,
-                       "retain_kl_budget": budget, "step": "auto", "views": 5}}
+                       "unlearn": {"step": {"retain_kl_budget": budget}}, "step": "auto", "views": 5}}
 
 
 def test_merge_results_builds_one_table_from_continuing_parts_and_refuses_the_rest():
@@ -193,3 +196,26 @@ def test_merge_results_builds_one_table_from_continuing_parts_and_refuses_the_re
         merge_results([first, _part(["r2f"], ["c"], bank="bank-b")])
     with pytest.raises(ValueError, match="at least two"):
         merge_results([first])
+
+
+def test_usr_at_tighter_budgets_counts_facts_removed_within_them():
+    from r2f_ray.eval.harness import _aggregate
+
+    trials = [{"eta": 0.01, "removed": False, "retain_kl": 0.001}, {"eta": 0.02, "removed": True, "retain_kl": 0.03},
+              {"eta": 0.015, "removed": True, "retain_kl": 0.02}, {"eta": 0.012, "removed": False, "retain_kl": 0.012}]
+    assert metrics.removal_kl(trials) == pytest.approx(0.02)  # the cheapest step that removed the answer
+    assert metrics.removal_kl(trials[:1]) is None
+    costs = {"a": 0.005, "b": 0.02, "c": 0.08, "d": None}  # d: no step removed it within the budget
+    rows = [{"method": "r2f", "run": 0, "fact": f, "rejected": c is None, "answered_before": True,
+             "answered_after": c is None, "probes_before": [True], "probes_after": [c is None],
+             "trials": [{"eta": 0.1, "removed": c is not None, "retain_kl": c if c is not None else 0.2}],
+             "removal_kl": c} for f, c in costs.items()]
+    table = _aggregate(rows, 1, budget=0.1)["r2f"]
+    assert table["usr"]["mean"] == pytest.approx(75.0)
+    assert table["usr_at_0.3x_kl"]["mean"] == pytest.approx(50.0)  # a and b within 0.03
+    assert table["usr_at_0.1x_kl"]["mean"] == pytest.approx(25.0)  # a within 0.01
+    # Rows without trials (a fixed step, or results from before trials were kept): not measured, shown as "-".
+    untraced = _aggregate([{k: v for k, v in r.items() if k not in ("trials", "removal_kl")} for r in rows], 1, 0.1)
+    assert untraced["r2f"]["usr_at_0.1x_kl"]["n"] == 0
+    result = {"model": "m", "bank": "b", "config": {"facts": 4, "runs": 1, "step": "auto", "views": 5}, "table": untraced}
+    assert "| r2f | 75.0 | – | – |" in markdown_table(result)

@@ -59,7 +59,12 @@ class ForgetRequest:
 
 
 class UnlearnRejected(ValueError):
-    """No step meets the auto rule (removal within the retain budget); the model was left unchanged."""
+    """No step meets the auto rule (removal within the retain budget); the model was left unchanged.
+    ``trials`` holds the steps the rule tried ({"eta" or "iterations", "removed", "retain_kl"})."""
+
+    def __init__(self, message: str, trials: list[dict] | None = None):
+        super().__init__(message)
+        self.trials = list(trials or [])
 
 
 class StepConfig(BaseModel):
@@ -752,7 +757,7 @@ def _run_method(impl: Method, ctx: Context, step: float | str, snapshot, judge, 
         if step == "auto" and not (verdict["removed"] and verdict["retain_kl"] <= config.step.retain_kl_budget):
             raise UnlearnRejected(f"{impl.name} did not remove the answer within {config.iterative_max_steps} iterations of "
                                   f"lr {lr} under the retain KL budget {config.step.retain_kl_budget} (last: {verdict}); "
-                                  "the model is unchanged")
+                                  "the model is unchanged", trials)
         return lr, grad_norms
 
     proposal = impl.propose(ctx)
@@ -763,7 +768,7 @@ def _run_method(impl: Method, ctx: Context, step: float | str, snapshot, judge, 
     if eta is None:
         raise UnlearnRejected(f"no step up to {config.step.grid_max} removes the answer from every update view with the "
                               f"retain KL within {config.step.retain_kl_budget} (trials: {trials}); the model is unchanged. "
-                              "Raise step.retain_kl_budget / step.grid_max, or give a fixed step")
+                              "Raise step.retain_kl_budget / step.grid_max, or give a fixed step", trials)
     _set(ctx, snapshot, proposal.delta(eta))
     return eta, proposal.grad_norms
 

@@ -113,12 +113,12 @@ def _mean_std(values: list[float]) -> dict:
 HEADLINE = ["usr", "apr", "neighbour_retention", "gur_ppl", "gur_mc", "mia_kl", "rap", "recon_cosine", "step",
             "seconds_per_deletion", "peak_mem_mb"]
 
-
-def _aggregate(rows: list[dict], runs: int) -> dict:
-    """Per method: each metric's mean over the facts of a run, then mean and std over runs."""
+def _aggregate(rows: list[dict], runs: int, budget: float) -> dict:
+    """Per method: each metric's mean over the facts of a run, then mean and std over runs. ``budget`` is
+    the retain KL budget the rows ran under."""
     table = {}
     for method in dict.fromkeys(r["method"] for r in rows):
-        per_run = {k: [] for k in HEADLINE}
+        per_run = {k: [] for k in [*HEADLINE, *map(metrics.tighter_usr_key, metrics.TIGHTER_BUDGETS)]}
         rejected = 0
         for run in range(runs):
             mine = [r for r in rows if r["method"] == method and r["run"] == run]
@@ -128,6 +128,11 @@ def _aggregate(rows: list[dict], runs: int) -> dict:
             pb = [b for r in known for b in r["probes_before"]]
             pa = [a for r in known for a in r["probes_after"]]
             per_run["apr"].append(metrics.usr(pb, pa))
+            for fraction in metrics.TIGHTER_BUDGETS:  # rows without trials (fixed step, older results): not measured
+                costs = [r.get("removal_kl") for r in known]
+                traced = bool(known) and all("trials" in r for r in known)
+                per_run[metrics.tighter_usr_key(fraction)].append(metrics.usr(
+                    [True] * len(known), [c is None or c > fraction * budget for c in costs]) if traced else float("nan"))
             for k in HEADLINE[2:]:
                 vals = [r[k] for r in mine if r.get(k) is not None]
                 per_run[k].append(statistics.fmean(vals) if vals else float("nan"))
@@ -172,7 +177,8 @@ def merge_results(parts: list[dict]) -> dict:
             rows += mine
     merged = {k: v for k, v in first.items() if k not in ("rows", "table", "sequential", "membership", "wall_s", "command")}
     merged.update({"what": first["what"] + f"; merged from {len(parts)} results that continue one fact sample",
-                   "bank": sources.get("r2f", first["bank"]), "rows": rows, "table": _aggregate(rows, 1),
+                   "bank": sources.get("r2f", first["bank"]), "rows": rows,
+                   "table": _aggregate(rows, 1, first["config"]["unlearn"]["step"]["retain_kl_budget"]),
                    "parts": [{"command": p.get("command"), "methods": p["config"]["methods"], "bank": p["config"]["bank"],
                               "fact_offset": p["config"].get("fact_offset", 0), "facts": p["config"]["facts"],
                               "wall_s": p.get("wall_s")} for p in parts],
@@ -231,6 +237,8 @@ def run_evaluation(config: EvalConfig, progress: bool = True, log: Callable[[str
                 except UnlearnRejected as e:
                     row.update(rejected=True, reason=str(e)[:300], answered_after=True, step=None,
                                probes_after=probes_before, seconds_per_deletion=None, peak_mem_mb=None)
+                    if e.trials:
+                        row.update(trials=e.trials, removal_kl=metrics.removal_kl(e.trials))
                     res = None
                 else:
                     rep = res.reports[0]
@@ -239,6 +247,8 @@ def run_evaluation(config: EvalConfig, progress: bool = True, log: Callable[[str
                                logprob_before=rep["answer_logprob_before"], logprob_after=rep["answer_logprob_after"],
                                greedy_after=rep["greedy_after"],
                                probes_after=metrics.answered(model, tok, [(p, fact.answer) for p in probes], config.unlearn.max_new_tokens))
+                    if res.trials:
+                        row.update(trials=res.trials, removal_kl=metrics.removal_kl(res.trials))
                     if method == "exact_multiview":
                         exact_deltas, exact_step = res.deltas, res.step
                     if exact_deltas is not None and res.deltas:
@@ -263,7 +273,7 @@ def run_evaluation(config: EvalConfig, progress: bool = True, log: Callable[[str
         "config": config.model_dump(mode="json"),
         "reference": {"heldout_perplexity": probe.ppl0, "mc_accuracy": probe.mc0,
                       "neighbours_known": sum(probe.nb0), "neighbours": len(neighbours)},
-        "table": _aggregate(rows, config.runs), "rows": rows,
+        "table": _aggregate(rows, config.runs, config.unlearn.step.retain_kl_budget), "rows": rows,
     }
     if config.sequential:
         result["sequential"] = run_sequential(model, tok, config, loaded, sequential_facts, probe, progress)

@@ -29,6 +29,24 @@ def usr(before: list[bool], after: list[bool]) -> float:
     return _rate(sum(not a for a in known), len(known))
 
 
+# Fractions of the retain KL budget at which evaluations also report USR, from the auto rule's trials
+# (``removal_kl``): how far each method's direction forgets under a stricter budget.
+TIGHTER_BUDGETS = (0.3, 0.1)
+
+
+def tighter_usr_key(fraction: float) -> str:
+    """The result-table key of USR at ``fraction`` of the retain KL budget."""
+    return f"usr_at_{fraction}x_kl"
+
+
+def removal_kl(trials: list[dict]) -> float | None:
+    """The retain KL the auto step rule paid for removing the answer: the least ``retain_kl`` among the steps
+    it tried that removed it (None: none did). The rule bisects down to the smallest removing step whatever
+    its KL, so this is the cost of forgetting along the method's direction, apart from the budget."""
+    costs = [t["retain_kl"] for t in trials if t.get("removed")]
+    return min(costs) if costs else None
+
+
 def retention(before: list[bool], after: list[bool]) -> float:
     """Neighbour retention: among items answered before, the share still answered after."""
     known = [a for b, a in zip(before, after, strict=True) if b]

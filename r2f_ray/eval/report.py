@@ -7,10 +7,16 @@ import html
 import io
 import math
 
-COLUMNS = [("usr", "USR %", "up"), ("apr", "APR %", "up"), ("neighbour_retention", "neighbours kept %", "up"),
+from r2f_ray.eval.metrics import TIGHTER_BUDGETS, tighter_usr_key
+
+COLUMNS = [("usr", "USR %", "up"), *((tighter_usr_key(f), f"USR % at {f}x KL", "up") for f in TIGHTER_BUDGETS),
+           ("apr", "APR %", "up"), ("neighbour_retention", "neighbours kept %", "up"),
            ("gur_ppl", "GUR ppl %", "up"), ("gur_mc", "GUR MC %", "up"), ("mia_kl", "MIA KL", "down"),
            ("rap", "RAP %", "down"), ("recon_cosine", "cos to exact", "up"), ("step", "step", ""),
            ("seconds_per_deletion", "s / deletion", "down"), ("peak_mem_mb", "peak MiB", "down")]
+
+
+_UNMEASURED = {"mean": float("nan"), "std": float("nan"), "n": 0}  # results from before a column existed
 
 
 def _fmt(cell: dict, key: str) -> str:
@@ -31,7 +37,7 @@ def markdown_table(result: dict) -> str:
              + " | rejected |",
              "| --- | " + " | ".join("---:" for _ in COLUMNS) + " | ---: |"]
     for method, row in result["table"].items():
-        lines.append(f"| {method} | " + " | ".join(_fmt(row[k], k) for k, _, _ in COLUMNS)
+        lines.append(f"| {method} | " + " | ".join(_fmt(row.get(k, _UNMEASURED), k) for k, _, _ in COLUMNS)
                      + f" | {row['rejected']}/{row['deletions']} |")
     if result.get("parts"):
         lines += ["", f"Merged from {len(result['parts'])} results of one fact sample (each method's rows from the parts "
