@@ -132,10 +132,13 @@ def test_another_family_equals_autograd():
         torch.testing.assert_close(cap.dense(m.name), ref[m.name], rtol=1e-5, atol=1e-7)
 
 
-def test_output_energy_is_the_local_gradient_of_each_tokens_own_prediction(tiny):
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_output_energy_is_the_local_gradient_of_each_tokens_own_prediction(tiny, family):
     # |dL/dh_t|^2 at the final norm's input, from the capture's backward, equals a backward through the final
     # norm and the LM head alone: no position mixes after the last layer, so it is a forward-only quantity.
-    model, _ = tiny
+    from r2f_ray import assets
+
+    model = tiny[0] if family == "llama" else assets.tiny_gemma(seed=0)[0]
     ids, mask, labels = _padded_batch(model.config.vocab_size, [9, 6], seed=2)
     labels[:, :3] = IGNORE_INDEX
     hidden = {}
