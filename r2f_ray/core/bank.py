@@ -161,14 +161,14 @@ class DecoderBank:
         [H, ...] when the matrix's weights use the attention feature."""
         key, i = self.decoders.where[name]
         a0 = self.decoders.groups[key].a0[i]
-        if name in self.decoders.attention_weighted and any(v.attention is None for v in views):
+        per_head = self.decoders.uses_feature(name, "log_attention")
+        if per_head and any(v.attention is None for v in views):
             raise ValueError(f"{name}: its token weights use the attention feature; pass each view's attention "
                              "energy (record the forward pass with DecoderBank.attention_recorder)")
-        if name in self.decoders.output_weighted and any(v.output is None for v in views):
+        if self.decoders.uses_feature(name, "log_output") and any(v.output is None for v in views):
             raise ValueError(f"{name}: its token weights use the output-energy feature; capture the request with "
                              "capture_gradients(..., output_energy=True)")
-        attention_weighted = name in self.decoders.attention_weighted
-        features = torch.cat([token_features(v.x, v.scored, v.attention if attention_weighted else None, v.output)
+        features = torch.cat([token_features(v.x, v.scored, v.attention if per_head else None, v.output)
                               for v in views], dim=-2).to(a0.device)
         x = torch.cat([v.x for v in views]).to(a0.device)
         return activation_stats(x, a0, self.decoders.token_weights(name, features))

@@ -624,18 +624,22 @@ class DecoderSet(nn.Module):
     @property
     def attention_weighted(self) -> set[str]:
         """Names of the q, k, v matrices whose token weights use the attention feature (decoded per head)."""
-        return self._using("log_attention", ATTENTION_ROLES)
+        return {name for name in self.where if self.uses_feature(name, "log_attention")}
 
     @property
     def output_weighted(self) -> set[str]:
         """Names of the matrices whose token weights use the output-energy feature (their requests need
         ``capture_gradients(..., output_energy=True)``; their attention feature then weights queries by it)."""
-        return self._using("log_output")
+        return {name for name in self.where if self.uses_feature(name, "log_output")}
 
-    def _using(self, feature: str, roles=None) -> set[str]:
-        col = TOKEN_FEATURES.index(feature)
-        return {name for g in self.groups.values() if g.needs_acts and (roles is None or g.role in roles)
-                for name, coef in zip(g.names, g.token_coef) if float(coef[col]) != 0}
+    def uses_feature(self, name: str, feature: str) -> bool:
+        """Whether matrix ``name``'s token weights use ``feature`` (a non-zero coefficient; the attention
+        feature only for q, k and v)."""
+        key, i = self.where[name]
+        group = self.groups[key]
+        if not group.needs_acts or (feature == "log_attention" and group.role not in ATTENTION_ROLES):
+            return False
+        return float(group.token_coef[i, TOKEN_FEATURES.index(feature)]) != 0
 
     def token_weights(self, name: str, features: Tensor) -> Tensor | None:
         """Per-token weights [T] (per head [H, T]) for matrix ``name`` from ``token_features`` [T, F]

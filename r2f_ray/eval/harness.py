@@ -113,6 +113,7 @@ def _mean_std(values: list[float]) -> dict:
 HEADLINE = ["usr", "apr", "neighbour_retention", "gur_ppl", "gur_mc", "mia_kl", "rap", "recon_cosine", "step",
             "seconds_per_deletion", "peak_mem_mb"]
 
+
 def _aggregate(rows: list[dict], runs: int, budget: float) -> dict:
     """Per method: each metric's mean over the facts of a run, then mean and std over runs. ``budget`` is
     the retain KL budget the rows ran under."""
@@ -128,9 +129,9 @@ def _aggregate(rows: list[dict], runs: int, budget: float) -> dict:
             pb = [b for r in known for b in r["probes_before"]]
             pa = [a for r in known for a in r["probes_after"]]
             per_run["apr"].append(metrics.usr(pb, pa))
-            for fraction in metrics.TIGHTER_BUDGETS:  # rows without trials (fixed step, older results): not measured
-                costs = [r.get("removal_kl") for r in known]
-                traced = bool(known) and all("trials" in r for r in known)
+            costs = [r.get("removal_kl") for r in known]
+            traced = bool(known) and all("trials" in r for r in known)  # else (fixed step, older results): not measured
+            for fraction in metrics.TIGHTER_BUDGETS:
                 per_run[metrics.tighter_usr_key(fraction)].append(metrics.usr(
                     [True] * len(known), [c is None or c > fraction * budget for c in costs]) if traced else float("nan"))
             for k in HEADLINE[2:]:
