@@ -205,13 +205,13 @@ class DecoderBank:
                 views = _views(cap, recorder, b, names, output=True)
                 for n, view in views.items():
                     energy = cap.factors(n, b)[1].double().pow(2)
+                    phi = token_features(view.x, view.scored, view.attention, view.output).cpu()
                     if view.attention is not None:  # one sequence per head: its rows of D against its own attention energy
-                        heads = view.attention.shape[0]
-                        per_head = energy.view(len(energy), heads, -1).sum(-1).T
-                        features[n].extend(token_features(view.x, view.scored, view.attention, view.output).cpu().unbind(0))
+                        per_head = energy.view(len(energy), view.attention.shape[0], -1).sum(-1).T
+                        features[n].extend(phi.unbind(0))
                         energies[n].extend(per_head.cpu().unbind(0))
                     else:
-                        features[n].append(token_features(view.x, view.scored, None, view.output).cpu())
+                        features[n].append(phi)
                         energies[n].append(energy.sum(-1).cpu())
         coefficients = {n: fit_token_coefficients(features[n], energies[n], ridge) for n in names}
         self.decoders.set_token_coefficients(coefficients)
