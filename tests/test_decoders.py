@@ -234,3 +234,73 @@ def test_activation_calibration_scores_equal_the_decoded_cosines():
             group.mix_logit.fill_(math.log(value / (1 - value)))
             pred = group(part.grad_a, part.grad_b, None, part.acts)
         torch.testing.assert_close(scores[:, j].float(), pair_cosine(pred, part.full).sum(-1), rtol=1e-4, atol=1e-5)
+
+
+def test_zero_offset_activation_decoding_is_the_posterior_mean_given_both_sketches():
+    # Zero-offset init: grad_A = s B0^T G adds r directions of G's columns. For every output-side mix the
+    # decoded G_hat must reproduce grad_A exactly and equal L G + (I - L) G_lift, L = M B0 (B0^T M B0)^-1 B0^T,
+    # M = (1 - mix) M_out + mix I with M_out the proxy's mean G G^T / ||G||^2 scaled to mean diagonal 1.
+    spec = LoraSpec(r=R, init="zero_offset")
+    infos = matrices(k=2)
+    train = synthetic(spec, infos, 12, fixed_rows=False, seed=1, tokens=6)
+    held_out = synthetic(spec, infos, 4, fixed_rows=False, seed=2, tokens=6)
+    decoders = DecoderSet(infos, spec, "activation")
+    fit_local(decoders, [train], steps=0)
+    key, part = next(iter(decoders.stack(held_out).items()))
+    group = decoders.groups[key]
+    with torch.no_grad():
+        lifted = group(None, part.grad_b, None, part.acts).double()
+    for i, name in enumerate(group.names):
+        g_train = train[name][2].double()
+        m_out = (g_train @ g_train.transpose(-1, -2) / g_train.pow(2).sum((-2, -1))[:, None, None]).mean(0) * D_OUT
+        b0 = group.b0[i].double()
+        for mix in group.output_grid:
+            with torch.no_grad():
+                group.out_mix.fill_(mix)
+                decoded = group(part.grad_a, part.grad_b, None, part.acts)[i].double()
+            m = (1 - mix) * m_out + mix * torch.eye(D_OUT, dtype=torch.float64)
+            seen = m @ b0 @ torch.linalg.solve(b0.T @ m @ b0, b0.T)
+            g = part.full[i].double()
+            expected = seen @ g + (torch.eye(D_OUT, dtype=torch.float64) - seen) @ lifted[i]
+            torch.testing.assert_close(decoded, expected, rtol=1e-3, atol=1e-4 * float(g.abs().max()))
+            torch.testing.assert_close(spec.scaling * b0.T @ decoded, part.grad_a[i].double(), rtol=1e-3,
+                                       atol=1e-4 * float(part.grad_a[i].abs().max()))
+
+
+def test_output_side_prior_is_picked_where_gradients_leave_through_few_directions():
+    # Every G's columns lie in one 3-dim subspace per matrix (as the heads of q and k favour a few output
+    # directions): B0^T G (r = 4) then pins G down under the proxy's output-side prior, but not under the
+    # identity, and the inputs (6 random tokens) are more than the lift from grad_B alone can follow.
+    spec = LoraSpec(r=R, init="zero_offset")
+    infos = matrices(k=2)
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(n):
+        out = {}
+        for j, info in enumerate(infos):
+            basis = torch.randn(3, D_OUT, generator=torch.Generator().manual_seed(50 + j))
+            a0, b0 = init_factors(spec, info)
+            rows = []
+            for _ in range(n):
+                d, x = torch.randn(6, 3, generator=gen) @ basis, torch.randn(6, D_IN, generator=gen)
+                g = d.T @ x
+                rows.append((*lora_grads_from_dense(g, a0, b0, spec.scaling), g, activation_stats(x, a0)))
+            ga, gb, full, acts = zip(*rows)
+            out[info.name] = (torch.stack(ga), torch.stack(gb), torch.stack(full),
+                              (torch.stack([a[0] for a in acts]), torch.stack([a[1] for a in acts])))
+        return out
+
+    train, held_out = batch(16), batch(8)
+    decoders = DecoderSet(infos, spec, "activation")
+    fit_local(decoders, [train], steps=0)
+    key, part = next(iter(decoders.stack(train).items()))
+    group = decoders.groups[key]
+    _, held = next(iter(decoders.stack(held_out).items()))
+    with torch.no_grad():
+        one_sided = float(pair_cosine(group(None, held.grad_b, None, held.acts), held.full).mean(-1).min())
+    identity = mean_cos(decoders, held_out)  # out_mix 1 until calibrated
+    group.set_output_calibration(group.output_scores(part.grad_a, part.grad_b, part.full, part.acts).argmax(-1))
+    torch.testing.assert_close(group.out_mix, torch.full((len(infos),), group.output_grid[0]))
+    assert mean_cos(decoders, held_out) > 0.99 > identity + 0.05
+    assert identity > one_sided
+

@@ -191,12 +191,11 @@ def qa_batch(n: int, seed: int):
     return ids, torch.ones_like(ids), labels
 
 
-@pytest.fixture(scope="module")
-def activation_bank(tmp_path_factory):
+def build_bank(spec: LoraSpec, path):
     """A closed-form activation bank of tiny Llama (seed 0, the CLI's `--model tiny`), fitted on text gradients."""
     model, _ = tiny_llama(seed=0)
     sha = weights_hash(model)  # before the probe wraps the model
-    probe = LoraProbe(model, SPEC)
+    probe = LoraProbe(model, spec)
     cap = probe.capture(torch.randint(3, 250, (16, 16), generator=torch.Generator().manual_seed(1)))
     batch = {}
     for m in probe.matrices:
@@ -204,27 +203,31 @@ def activation_bank(tmp_path_factory):
         xs = [cap.factors(m.name, b)[0] for b in range(16)]
         gram, cross = zip(*(activation_stats(x, a0) for x in xs))
         dense = torch.stack([cap.dense(m.name, b) for b in range(16)])
-        grads = [lora_grads_from_dense(g, a0, probe.init[m.name][1], SPEC.scaling) for g in dense]
+        grads = [lora_grads_from_dense(g, a0, probe.init[m.name][1], spec.scaling) for g in dense]
         batch[m.name] = (torch.stack([g[0] for g in grads]), torch.stack([g[1] for g in grads]), dense,
                          (torch.stack(gram), torch.stack(cross)))
-    decoders = DecoderSet(probe.matrices, SPEC, "activation")
+    decoders = DecoderSet(probe.matrices, spec, "activation")
     fit_local(decoders, [batch], steps=0)
-    path = tmp_path_factory.mktemp("bank") / "bank"
     DecoderBank(decoders, "tiny-llama-seed0", sha).save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def activation_bank(tmp_path_factory):
+    return build_bank(SPEC, tmp_path_factory.mktemp("bank") / "bank")
 
 
 def request_cosines(bank: DecoderBank, weighted: bool) -> float:
     """Mean cosine to the exact gradient over held-out answer sequences, decoded as the engine does."""
     model = tiny_llama(seed=0)[0]
-    probe = LoraProbe(model, SPEC)
+    probe = LoraProbe(model, bank.spec)
     ids, mask, labels = qa_batch(8, seed=5)
     with bank.attention_recorder(model) as recorder:
         cap = probe.capture(ids, mask, labels, output_energy=bank.needs_output_energy)
     out = []
     for b in range(8):
         # Per-example LoRA gradients from the factors, as the engine computes them.
-        grads = {m.name: lora_grads_from_factors(*cap.factors(m.name, b), *probe.init[m.name], SPEC.scaling)
+        grads = {m.name: lora_grads_from_factors(*cap.factors(m.name, b), *probe.init[m.name], bank.spec.scaling)
                  for m in probe.matrices}
         views = bank.request_views(cap, recorder, b, [m.name for m in probe.matrices])
         acts = {m.name: bank.request_stats(m.name, [views[m.name]])
@@ -252,6 +255,35 @@ def test_bank_fits_token_weights_on_answer_gradients_and_keeps_them(activation_b
     loaded = DecoderBank.load(tmp_path / "weighted")
     assert loaded.info["token_weights"]["data"] == "random answers"
     assert request_cosines(loaded, weighted=True) == pytest.approx(after, abs=1e-6)
+
+
+def test_zero_offset_bank_picks_output_side_mixes_that_match_grad_a(tmp_path):
+    spec = LoraSpec(r=4, init="zero_offset")
+    bank = DecoderBank.load(build_bank(spec, tmp_path / "zero_offset"))
+    bank.fit_token_weights(tiny_llama(seed=0)[0], *qa_batch(24, seed=4), data="random answers")
+    groups = [g for g in bank.decoders.groups.values() if g.needs_acts]
+    assert all(float(v) in {float(torch.tensor(x)) for x in g.output_grid} for g in groups for v in g.out_mix)
+    assert bank.info["token_weights"]["output_mix"] == "picked on these sequences"
+    both = request_cosines(bank, weighted=True)
+    for g in groups:  # the same decoders, grad_A ignored
+        g.two_sided = False
+    assert both > request_cosines(bank, weighted=True)
+    for g in groups:
+        g.two_sided = True
+    # The decoded request reproduces the observed grad_A = s B0^T G exactly.
+    m = bank.matrices[0]
+    model = tiny_llama(seed=0)[0]
+    probe = LoraProbe(model, spec)
+    ids, mask, labels = qa_batch(1, seed=6)
+    with bank.attention_recorder(model) as recorder:
+        cap = probe.capture(ids, mask, labels, output_energy=bank.needs_output_energy)
+    grad_a, grad_b = lora_grads_from_factors(*cap.factors(m.name, 0), *probe.init[m.name], spec.scaling)
+    view = bank.request_views(cap, recorder, 0, [m.name])[m.name]
+    decoded = bank.decode({m.name: (grad_a, grad_b)}, acts={m.name: bank.request_stats(m.name, [view])})[m.name]
+    torch.testing.assert_close(spec.scaling * probe.init[m.name][1].T @ decoded, grad_a, rtol=1e-3,
+                               atol=1e-4 * float(grad_a.abs().max()))
+    bank.save(tmp_path / "weighted")
+    assert request_cosines(DecoderBank.load(tmp_path / "weighted"), weighted=True) == pytest.approx(both, abs=1e-6)
 
 
 def test_attention_weighted_matrices_need_the_attention_energy(activation_bank):

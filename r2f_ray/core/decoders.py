@@ -23,7 +23,9 @@ Kinds (``DECODERS``; adding one is a class plus an entry):
   feature is the gradient each token's own prediction sends into the residual stream (the loss's local
   gradient at the final norm). For q, k and v another is the energy the request's attention pattern
   implies (``core.attention``), per head, and each head's rows of G are then decoded under its own head's
-  statistics.
+  statistics. Under the zero-offset init the decoded gradient is also made to agree with grad_A = s B0^T G
+  (r directions of G's columns) under an output-side prior from the proxy (see ``_output_side``); the
+  pairs' mix is still scored on the lift alone.
   Needs ``acts``.
 - ``sketch``: the two-sided randomized sketch reconstruction. With Y = grad_B = s G A0^T (range
   sketch) and W = grad_A = s B0^T G (co-range sketch), Q = orth(Y) and G ~= Q (s B0^T Q)^+ W, exact
@@ -59,20 +61,23 @@ class RidgeStats:
 
     Each example is weighted by ``1 / ||G_n||^2`` so every example counts equally (as under the cosine
     loss) however large its gradient is. Statistics add up, so they can be summed across workers.
+    ``left`` is the output side's counterpart, sum_n w_n G_n grad_A,n^T (= s M_out B0 with the proxy's
+    output-side prior M_out = sum_n w_n G_n G_n^T); zero under the standard init, where grad_A is zero.
     """
 
-    def __init__(self, gram: Tensor, cross: Tensor, count: Tensor):
+    def __init__(self, gram: Tensor, cross: Tensor, count: Tensor, left: Tensor):
         self.gram = gram  # [K, r, r]   sum_n w_n grad_B^T grad_B
         self.cross = cross  # [K, r, d_in] sum_n w_n grad_B^T G
         self.count = count  # [K] examples summed
+        self.left = left  # [K, d_out, r] sum_n w_n G grad_A^T
 
     @classmethod
-    def zeros(cls, k: int, r: int, d_in: int, device=None) -> "RidgeStats":
+    def zeros(cls, k: int, r: int, d_in: int, d_out: int, device=None) -> "RidgeStats":
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
-        return cls(z(k, r, r), z(k, r, d_in), z(k))
+        return cls(z(k, r, r), z(k, r, d_in), z(k), z(k, d_out, r))
 
     @classmethod
-    def from_batch(cls, grad_b: Tensor, full: Tensor) -> "RidgeStats":
+    def from_batch(cls, grad_b: Tensor, full: Tensor, grad_a: Tensor | None = None) -> "RidgeStats":
         # The products run in fp32 (a batch's dense G in fp64 would double its memory); the r-sized
         # results are summed in fp64.
         grad_b, full = grad_b.float(), full.float()
@@ -80,14 +85,19 @@ class RidgeStats:
         scaled = grad_b * w.float().sqrt()[..., None, None]
         gram = torch.einsum("knor,knos->krs", scaled, scaled).double()
         cross = torch.einsum("knor,knoi->kri", scaled * w.float().sqrt()[..., None, None], full).double()
-        return cls(gram, cross, torch.full(w.shape[:1], float(w.shape[1]), dtype=torch.float64, device=w.device))
+        if grad_a is None:
+            left = torch.zeros(full.shape[0], full.shape[2], grad_b.shape[-1], dtype=torch.float64, device=full.device)
+        else:
+            per_example = torch.einsum("knoi,knri->knor", full, grad_a.float()).double()  # no second copy of G
+            left = (per_example * w[..., None, None]).sum(1)
+        return cls(gram, cross, torch.full(w.shape[:1], float(w.shape[1]), dtype=torch.float64, device=w.device), left)
 
     def __add__(self, other: "RidgeStats") -> "RidgeStats":
-        return RidgeStats(self.gram + other.gram, self.cross + other.cross, self.count + other.count)
+        return RidgeStats(*(a + b for a, b in zip(self.tensors(), other.tensors())))
 
     def tensors(self) -> list[Tensor]:
-        """The three statistics, e.g. to all-reduce them in place across workers."""
-        return [self.gram, self.cross, self.count]
+        """The four statistics, e.g. to all-reduce them in place across workers."""
+        return [self.gram, self.cross, self.count, self.left]
 
     def solve(self, ridge: float) -> Tensor:
         """R [K, r, d_in]; ``ridge`` is relative to the mean eigenvalue of the Gram matrix."""
@@ -338,6 +348,9 @@ class ActivationGroup(DecoderGroup):
     # Token-weighted request statistics want little of the proxy prior (on SmolLM2, 0.01, the pairs' grid
     # floor, was picked for most matrices), so the request mix is picked on a grid that reaches further down.
     request_grid = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
+    # Weight of the identity in the output-side prior (zero-offset init). On SmolLM2 q and k want the proxy's
+    # M_out (their rows are heads with rotary structure), the other roles the identity.
+    output_grid = (0.03, 0.1, 0.3, 1.0)
 
     def __init__(self, infos, spec, ridge: float = 1e-5, mix: float = 0.5):
         super().__init__(infos, spec)
@@ -356,6 +369,15 @@ class ActivationGroup(DecoderGroup):
         # The mixing weight for requests' token-weighted statistics, picked when the token weights are fitted
         # (``set_request_calibration``); NaN: requests use the pairs' mix_logit.
         self.register_buffer("request_mix_logit", torch.full((k,), float("nan")))
+        # Zero-offset init only: grad_A = s B0^T G sees r directions of G's columns, which the lift from grad_B
+        # ignores. Decoding also conditions on them, under an output-side prior M_out = mean_n G_n G_n^T /
+        # ||G_n||^2 of the proxy (mean diagonal 1), kept through B0 as M_out B0 and B0^T M_out B0, mixed with
+        # the identity by ``out_mix`` (1, the default: the orthogonal projection onto B0's span, which needs
+        # no statistics; picked per matrix on requests by ``set_output_calibration``).
+        self.two_sided = spec.init == "zero_offset"
+        self.register_buffer("out_cross", torch.zeros(k, self.d_out, self.r))
+        self.register_buffer("out_gram", torch.zeros(k, self.r, self.r))
+        self.register_buffer("out_mix", torch.ones(k))
 
     def token_weights(self, member: int, features: Tensor) -> Tensor:
         """Per-token weights [T] (or [H, T]) of member ``member`` for ``token_features`` [T, F] (or [H, T, F]),
@@ -379,6 +401,10 @@ class ActivationGroup(DecoderGroup):
         with torch.no_grad():
             self.prior_gram.copy_((stats.gram / (n * self.scaling**2)).to(self.prior_gram))
             self.prior_cross.copy_((stats.cross / (n * self.scaling)).to(self.prior_cross))
+            if self.two_sided:  # left = s sum_n w_n G G^T B0, each example's G G^T / ||G||^2 of trace 1
+                out_cross = stats.left.to(self.b0.device) * (self.d_out / (n * self.scaling))
+                self.out_cross.copy_(out_cross.to(self.out_cross))
+                self.out_gram.copy_((self.b0.double().transpose(-1, -2) @ out_cross).to(self.out_gram))
 
     def _lift(self, acts, mix: Tensor, index: Tensor | None) -> Tensor:
         """mix [K], the weight of the proxy prior -> the per-example lift L [K, N, r, d_in], G_hat = grad_B L."""
@@ -406,13 +432,48 @@ class ActivationGroup(DecoderGroup):
             logit = torch.where(torch.isnan(picked), logit, picked)
         return torch.sigmoid(logit)
 
-    def forward(self, grad_a, grad_b, index=None, acts=None, request=False):
+    def forward(self, grad_a, grad_b, index=None, acts=None, request=False, out_mix: Tensor | None = None):
         lift = self._lift(acts, self.mix(index, request), index)
         if lift.dim() == 4:
-            return grad_b.float() @ lift
-        k, n, heads = lift.shape[:3]  # per head: head h's rows of grad_B through its own lift
-        rows = grad_b.float().reshape(k, n, heads, -1, self.r)
-        return (rows @ lift).reshape(k, n, -1, self.d_in)
+            decoded = grad_b.float() @ lift
+        else:
+            k, n, heads = lift.shape[:3]  # per head: head h's rows of grad_B through its own lift
+            rows = grad_b.float().reshape(k, n, heads, -1, self.r)
+            decoded = (rows @ lift).reshape(k, n, -1, self.d_in)
+        if self.two_sided and grad_a is not None:
+            decoded = decoded + self._output_side(grad_a, decoded, index, out_mix)
+        return decoded
+
+    def _output_side(self, grad_a: Tensor, decoded: Tensor, index: Tensor | None, out_mix: Tensor | None) -> Tensor:
+        """What grad_A adds to the lift ``decoded``: G_hat + P (grad_A / s - B0^T G_hat) with P = M B0 (B0^T M B0)^-1,
+        M = (1 - out_mix) M_out + out_mix I. It makes B0^T G_hat equal the observed B0^T G and leaves the rest
+        of G_hat as the lift decoded it: the posterior mean under the two priors, when both hold."""
+        lam = (self._pick(self.out_mix, index) if out_mix is None else out_mix.float()).double().view(-1, 1, 1)
+        b0 = self._pick(self.b0, index).double()
+        cross = (1 - lam) * self._pick(self.out_cross, index).double() + lam * b0  # [K, d_out, r]
+        gram = (1 - lam) * self._pick(self.out_gram, index).double() + lam * b0.transpose(-1, -2) @ b0
+        scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(_EPS)
+        eye = torch.eye(self.r, dtype=gram.dtype, device=gram.device)
+        proj = torch.linalg.solve(gram + 1e-9 * scale * eye, cross.transpose(-1, -2)).transpose(-1, -2).float()
+        unseen = grad_a.float() / self.scaling - b0.float().transpose(-1, -2).unsqueeze(1) @ decoded  # [K, N, r, d_in]
+        return proj.unsqueeze(1) @ unseen
+
+    @torch.no_grad()
+    def output_scores(self, grad_a: Tensor, grad_b: Tensor, full: Tensor, acts, request: bool = True) -> Tensor:
+        """Summed cosine to G [K, len(output_grid)] of the decoded gradient for each output-side mix (the
+        input side as ``forward`` decodes it); zero-offset init only."""
+        if not self.two_sided:
+            raise ValueError("the output-side prior reads grad_A, which is zero under the standard LoRA init")
+        one_sided = self.forward(None, grad_b, None, acts, request)
+        full = full.float()
+        scores = [pair_cosine(one_sided + self._output_side(grad_a, one_sided, None, torch.full((len(self),), value)),
+                              full).double().sum(-1) for value in self.output_grid]
+        return torch.stack(scores, dim=-1)
+
+    def set_output_calibration(self, choice: Tensor) -> None:
+        """``choice`` [K]: index into ``output_grid`` of each member's output-side mix."""
+        with torch.no_grad():
+            self.out_mix.copy_(torch.tensor(self.output_grid, dtype=self.out_mix.dtype)[choice.cpu()].to(self.out_mix))
 
     @torch.no_grad()
     def calibration_scores(self, grad_a, grad_b, full, acts, grid: tuple[float, ...] | None = None):
@@ -591,7 +652,7 @@ class DecoderSet(nn.Module):
             if self.groups[key].fits_ridge:
                 if part.names != self.groups[key].names:
                     raise ValueError(f"ridge statistics need every matrix of group {key}")
-                out[key] = RidgeStats.from_batch(part.grad_b, part.full)
+                out[key] = RidgeStats.from_batch(part.grad_b, part.full, part.grad_a)
         return out
 
     def calibration_scores(self, stacked: dict) -> dict[str, Tensor]:

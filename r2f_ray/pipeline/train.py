@@ -188,7 +188,7 @@ def train_loop(cfg: dict) -> None:
                 stats[key] = stats[key] + st if key in stats else st
         for key in sorted(k for k, g in decoders.groups.items() if g.fits_ridge):
             group = decoders.groups[key]
-            st = stats.get(key) or RidgeStats.zeros(len(group), group.r, group.d_in)
+            st = stats.get(key) or RidgeStats.zeros(len(group), group.r, group.d_in, group.d_out)
             stats[key] = RidgeStats(*(_all_reduce(t.to(device)).cpu() for t in st.tensors()))
         decoders.init_ridge(stats, cfg["ridge"])
         # Then the kinds with a calibrated setting (a grid per matrix) score each value on a second pass.
