@@ -21,7 +21,13 @@ head`` weights each query position of the attention model by the gradient its ow
 residual stream (``core.attention.output_query_energy``), and ``output energy`` (every role) weights each token
 by that alone.
 
-    python benchmarks/activation_prior.py [--examples 32] [--layers 5,15,25] --out activation_prior.json
+With ``--init zero_offset`` grad_A = s B0^T G is observed too, and two more columns condition the best forward-only
+decode (``attention + output, per head`` for q, k, v; ``output energy`` for the rest) on it, as the bank's
+``activation`` decoders do (``ActivationGroup._output_side``): under the identity as output-side prior (an
+orthogonal projection) and under the proxy's M_out = mean G G^T / ||G||^2, estimated on ``--prior-texts`` other
+Wikipedia texts.
+
+    python benchmarks/activation_prior.py [--examples 32] [--layers 5,15,25] [--init zero_offset] --out activation_prior.json
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import time
 import torch
 
 from r2f_ray import assets
-from r2f_ray.core.attention import AttentionRecorder, attention_gradient_energy, output_query_energy, per_kv_head
+from r2f_ray.core.attention import ATTENTION_ROLES, AttentionRecorder, attention_gradient_energy, output_query_energy, per_kv_head
 from r2f_ray.core.capture import capture_gradients
 from r2f_ray.core.linalg import rank_r_ceiling
 from r2f_ray.core.lora import LoraSpec, init_factors
@@ -87,6 +93,27 @@ def attention_lifts(x, d, grad_b, a0, role, energy, weighted_energy, kv_heads):
     }
 
 
+TWO_SIDED_COLUMNS = ("+ grad_A, identity", "+ grad_A, proxy M_out")
+
+
+def output_priors(loaded, matrices, ids) -> dict[str, torch.Tensor]:
+    """M_out [d_out, d_out] per matrix: mean over texts of G G^T / ||G||^2, scaled to mean diagonal 1."""
+    total = {m.name: 0 for m in matrices}
+    for start in range(0, len(ids), 8):
+        cap = capture_gradients(loaded.model, ids[start:start + 8], targets=[m.name for m in matrices])
+        for m in matrices:
+            for b in range(cap.batch_size):
+                g = cap.dense(m.name, b).double()
+                total[m.name] = total[m.name] + g @ g.T / g.pow(2).sum()
+    return {m.name: total[m.name] * (m.d_out / len(ids)) for m in matrices}
+
+
+def with_grad_a(decoded: torch.Tensor, g: torch.Tensor, b0: torch.Tensor, m_out: torch.Tensor) -> torch.Tensor:
+    """G_hat made to agree with B0^T G under the output-side prior m_out: L G + (I - L) G_hat."""
+    seen = m_out @ b0 @ torch.linalg.solve(b0.T @ m_out @ b0, b0.T)
+    return seen @ g + decoded - seen @ decoded
+
+
 def batches(loaded, source: str, examples: int):
     tok = loaded.tokenizer
     if source == "text":
@@ -101,15 +128,23 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=32, help="examples per source")
     p.add_argument("--layers", default="5,15,25")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--init", choices=["standard", "zero_offset"], default="standard",
+                   help="LoRA init; zero_offset adds the columns that also use grad_A")
+    p.add_argument("--prior-texts", type=int, default=32, help="texts for the output-side prior M_out (zero_offset)")
     p.add_argument("--out", default="activation_prior.json")
     args = p.parse_args()
     t0 = time.time()
     loaded = assets.load_default_model()
-    spec = LoraSpec(r=args.rank)
+    spec = LoraSpec(r=args.rank, init=args.init)
     layers = {int(v) for v in args.layers.split(",")}
     matrices = [m for m in resolve_targets(loaded.model, list(spec.target_modules)) if m.layer in layers]
     attention = {m.layer: loaded.model.model.layers[m.layer].self_attn for m in matrices}
     kv_heads = loaded.model.config.num_key_value_heads
+    two_sided = args.init == "zero_offset"
+    if two_sided:
+        prior_ids = assets.tokenize_fixed_length(loaded.tokenizer, assets.corpus_texts("wiki"), 48,
+                                                 args.examples + args.prior_texts)[args.examples:]
+        m_out = output_priors(loaded, matrices, prior_ids)
     result = {"machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "date": time.strftime("%Y-%m-%d"),
               "model": loaded.model_id, "args": vars(args), "by_source": {}}
     for source in ("text", "facts"):
@@ -129,7 +164,7 @@ def main() -> None:
                     energies[layer, b] = attention_gradient_energy(probs, q, k, v, module.scaling)
                     weighted[layer, b] = attention_gradient_energy(probs, q, k, v, module.scaling, output[b])
             for m in matrices:
-                a0 = init_factors(spec, m)[0].double()
+                a0, b0 = (t.double() for t in init_factors(spec, m))
                 row = scores.setdefault(m.role, {})
                 for b in range(ids[sl].shape[0]):
                     x, d = (t.double() for t in cap.factors(m.name, b))
@@ -143,13 +178,19 @@ def main() -> None:
                     if m.role in ("q_proj", "k_proj", "v_proj"):
                         decoded |= attention_lifts(x, d, grad_b, a0, m.role, energies[m.layer, b], weighted[m.layer, b],
                                                    kv_heads)
+                    if two_sided:
+                        best = decoded["attention + output, per head" if m.role in ATTENTION_ROLES else "output energy"]
+                        eye = torch.eye(m.d_out, dtype=torch.float64)
+                        decoded[TWO_SIDED_COLUMNS[0]] = with_grad_a(best, g, b0, eye)
+                        decoded[TWO_SIDED_COLUMNS[1]] = with_grad_a(best, g, b0, m_out[m.name])
                     for name, gh in decoded.items():
                         row.setdefault(name, []).append(float((gh * g).sum() / (gh.norm() * g.norm())))
                     row.setdefault("naive", []).append(float((grad_b @ a0 * g).sum() / ((grad_b @ a0).norm() * g.norm())))
                     row.setdefault("ceiling", []).append(float(rank_r_ceiling(torch.linalg.svdvals(g), args.rank)))
         result["by_source"][source] = {role: {k: sum(v) / len(v) for k, v in cols.items()} for role, cols in scores.items()}
         result["by_source"][source]["examples"] = len(ids)
-        cols = ["naive", *WEIGHTS, "output energy", *ATTENTION_COLUMNS, "oracle |D_t|^2", "oracle G^T G", "ceiling"]
+        cols = ["naive", *WEIGHTS, "output energy", *ATTENTION_COLUMNS, *(TWO_SIDED_COLUMNS if two_sided else ()),
+                "oracle |D_t|^2", "oracle G^T G", "ceiling"]
         print(f"\n{source}: cosine to the true G, mean over layers {sorted(layers)} x {len(ids)} examples (beta = 0, closed form)")
         print(f"{'role':<10}" + "".join(f"{c[:19]:>21}" for c in cols))
         for role, vals in result["by_source"][source].items():

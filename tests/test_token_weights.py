@@ -257,19 +257,20 @@ def test_bank_fits_token_weights_on_answer_gradients_and_keeps_them(activation_b
     assert request_cosines(loaded, weighted=True) == pytest.approx(after, abs=1e-6)
 
 
-def test_zero_offset_bank_picks_output_side_mixes_that_match_grad_a(tmp_path):
+def test_zero_offset_bank_decodes_requests_that_match_grad_a(tmp_path):
     spec = LoraSpec(r=4, init="zero_offset")
     bank = DecoderBank.load(build_bank(spec, tmp_path / "zero_offset"))
-    bank.fit_token_weights(tiny_llama(seed=0)[0], *qa_batch(24, seed=4), data="random answers")
     groups = [g for g in bank.decoders.groups.values() if g.needs_acts]
+    picked = [g.out_mix.clone() for g in groups]  # on the pairs, by the closed-form fit
     assert all(float(v) in {float(torch.tensor(x)) for x in g.output_grid} for g in groups for v in g.out_mix)
-    assert bank.info["token_weights"]["output_mix"] == "picked on these sequences"
+    bank.fit_token_weights(tiny_llama(seed=0)[0], *qa_batch(24, seed=4), data="random answers")
+    assert all(torch.equal(g.out_mix, p) for g, p in zip(groups, picked))  # requests use the pairs' pick
     both = request_cosines(bank, weighted=True)
     for g in groups:  # the same decoders, grad_A ignored
-        g.two_sided = False
+        g.output_side = False
     assert both > request_cosines(bank, weighted=True)
     for g in groups:
-        g.two_sided = True
+        g.output_side = True
     # The decoded request reproduces the observed grad_A = s B0^T G exactly.
     m = bank.matrices[0]
     model = tiny_llama(seed=0)[0]

@@ -218,8 +218,6 @@ class DecoderBank:
         self._calibrate_requests(model, input_ids, attention_mask, labels, batch_size, progress)
         self.info["token_weights"] = {"data": data, "sequences": len(input_ids), "features": list(TOKEN_FEATURES),
                                       "matrices": len(names), "ridge": ridge, "request_mix": "picked on these sequences"}
-        if any(self.decoders.groups[self.decoders.where[n][0]].two_sided for n in names):
-            self.info["token_weights"]["output_mix"] = "picked on these sequences"
         return coefficients
 
     def _calibrate_requests(self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
@@ -227,56 +225,37 @@ class DecoderBank:
         """Pick each activation decoder's mixing weight for the statistics requests are decoded with (token
         weighted, per head): the grid value with the best summed cosine to the exact gradients of the given
         sequences. Kept apart from the pairs' mix (training calibrates that on unweighted pair statistics,
-        which want more of the proxy prior), so pair evaluation still decodes the bank as trained. Under the
-        zero-offset init a second pass then picks each output-side mix given the request mix."""
-        groups = {key: g for key, g in self.decoders.groups.items() if g.needs_acts}
-        totals: dict[str, Tensor] = {}
-        for cap, views in self._request_captures(model, input_ids, attention_mask, labels, batch_size,
-                                                 "token weights: request mix", progress):
-            for key, group in groups.items():  # one group at a time: its dense gradients only
-                totals[key] = totals.get(key, 0) + self._request_scores(group, cap, views)
-        self.decoders.calibrate(totals, request=True)
-        two_sided = {key: g for key, g in groups.items() if g.two_sided}
-        if not two_sided:
-            return
-        totals = {}
-        for cap, views in self._request_captures(model, input_ids, attention_mask, labels, batch_size,
-                                                 "token weights: output-side mix", progress):
-            for key, group in two_sided.items():
-                totals[key] = totals.get(key, 0) + self._request_scores(group, cap, views, output_side=True)
-        for key, group_scores in totals.items():
-            two_sided[key].set_output_calibration(group_scores.argmax(dim=-1))
-
-    def _request_captures(self, model, input_ids, attention_mask, labels, batch_size: int, desc: str, progress: bool):
-        """(capture, per-example ``request_views``) per batch of the sequences, every activation matrix captured."""
+        which want more of the proxy prior), so pair evaluation still decodes the bank as trained."""
         device = next(model.parameters()).device
-        names = [n for g in self.decoders.groups.values() if g.needs_acts for n in g.names]
-        for start in tqdm(range(0, len(input_ids), batch_size), desc=desc, disable=not progress):
+        groups = {key: g for key, g in self.decoders.groups.items() if g.needs_acts}
+        names = [n for g in groups.values() for n in g.names]
+        totals: dict[str, Tensor] = {}
+        for start in tqdm(range(0, len(input_ids), batch_size), desc="token weights: request mix", disable=not progress):
             part = slice(start, start + batch_size)
             with self.attention_recorder(model) as recorder:
                 cap = capture_gradients(model, input_ids[part].to(device), attention_mask[part].to(device),
                                         labels[part].to(device), targets=names, output_energy=self.needs_output_energy)
-            yield cap, [self.request_views(cap, recorder, b, names) for b in range(cap.batch_size)]
+            views = [self.request_views(cap, recorder, b, names) for b in range(cap.batch_size)]
+            for key, group in groups.items():  # one group at a time: its dense gradients only
+                totals[key] = totals.get(key, 0) + self._request_scores(group, cap, views)
+        self.decoders.calibrate(totals, request=True)
 
     @torch.no_grad()
-    def _request_scores(self, group, cap, views: list[dict[str, RequestView]], output_side: bool = False) -> Tensor:
-        """Summed cosines [K, grid] of one activation group on a capture's examples as requests: per request mix
-        (``calibration_scores``), or per output-side mix given the picked request mix (``output_scores``)."""
+    def _request_scores(self, group, cap, views: list[dict[str, RequestView]]) -> Tensor:
+        """``calibration_scores`` [K, grid] of one activation group on a capture's examples as requests."""
         infos = {m.name: m for m in self.matrices}
-        grad_a, grad_b, full, gram, cross = [], [], [], [], []
+        grad_b, full, gram, cross = [], [], [], []
         for name in group.names:
             a0, b0 = (t.to(group.a0.device) for t in init_factors(self.spec, infos[name]))
             per_example = []
             for b in range(cap.batch_size):
                 x, d = (t.to(a0.device).float() for t in cap.factors(name, b))
                 stats = self.request_stats(name, [views[b][name]])
-                per_example.append((*lora_grads_from_factors(x, d, a0, b0, self.spec.scaling), d.T @ x, *stats))
-            for out, column in zip((grad_a, grad_b, full, gram, cross), zip(*per_example)):
+                per_example.append((lora_grads_from_factors(x, d, a0, b0, self.spec.scaling)[1], d.T @ x, *stats))
+            for out, column in zip((grad_b, full, gram, cross), zip(*per_example)):
                 out.append(torch.stack(column))
-        ga, gb, g, *acts = (torch.stack(t) for t in (grad_a, grad_b, full, gram, cross))  # [K, N, ...]
-        if output_side:
-            return group.output_scores(ga, gb, g, tuple(acts)).double()
-        return group.calibration_scores(None, gb, g, tuple(acts), group.request_grid).double()
+        stacked = [torch.stack(t) for t in (grad_b, full, gram, cross)]  # [K, N, ...]
+        return group.calibration_scores(None, stacked[0], stacked[1], (stacked[2], stacked[3]), group.request_grid).double()
 
     @torch.no_grad()
     def decode(self, lora_grads: dict[str, tuple[Tensor, Tensor]],
@@ -380,7 +359,7 @@ class DecoderBank:
                 state[k] = torch.nn.functional.pad(v, (0, len(TOKEN_FEATURES) - v.shape[-1]))
         missing, unexpected = decoders.load_state_dict(state, strict=False)
         # Banks from before token weights, request mixes or the output-side prior: none fitted (zeros, NaN = the
-        # pairs' mix, an output-side mix of 1 = the orthogonal projection).
+        # pairs' mix, an output-side mix of 1 = the orthogonal projection onto B0's span).
         missing = [k for k in missing if not k.endswith((".token_coef", ".request_mix_logit", ".out_cross", ".out_gram",
                                                          ".out_mix"))]
         if missing or unexpected:

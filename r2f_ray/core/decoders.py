@@ -190,6 +190,7 @@ class DecoderGroup(nn.Module):
     needs_grad_a = False  # True: only meaningful for the zero-offset init (grad_A is zero otherwise)
     needs_acts = False  # True: decodes with the input activation statistics of the request
     fits_ridge = False  # True: ``init_ridge`` gives it a closed-form start
+    output_side = False  # True: ``output_scores`` calibrates an output-side prior (activation, zero-offset init)
     calibration_grid: tuple[float, ...] = ()  # non-empty: ``calibrate`` picks one value per matrix
 
     def __init__(self, infos: list[MatrixInfo], spec: LoraSpec, **options):
@@ -373,8 +374,8 @@ class ActivationGroup(DecoderGroup):
         # ignores. Decoding also conditions on them, under an output-side prior M_out = mean_n G_n G_n^T /
         # ||G_n||^2 of the proxy (mean diagonal 1), kept through B0 as M_out B0 and B0^T M_out B0, mixed with
         # the identity by ``out_mix`` (1, the default: the orthogonal projection onto B0's span, which needs
-        # no statistics; picked per matrix on requests by ``set_output_calibration``).
-        self.two_sided = spec.init == "zero_offset"
+        # no statistics; picked per matrix on the proxy pairs, ``set_output_calibration``; requests use it as is).
+        self.output_side = spec.init == "zero_offset"
         self.register_buffer("out_cross", torch.zeros(k, self.d_out, self.r))
         self.register_buffer("out_gram", torch.zeros(k, self.r, self.r))
         self.register_buffer("out_mix", torch.ones(k))
@@ -401,7 +402,7 @@ class ActivationGroup(DecoderGroup):
         with torch.no_grad():
             self.prior_gram.copy_((stats.gram / (n * self.scaling**2)).to(self.prior_gram))
             self.prior_cross.copy_((stats.cross / (n * self.scaling)).to(self.prior_cross))
-            if self.two_sided:  # left = s sum_n w_n G G^T B0, each example's G G^T / ||G||^2 of trace 1
+            if self.output_side:  # left = s sum_n w_n G G^T B0, each example's G G^T / ||G||^2 of trace 1
                 out_cross = stats.left.to(self.b0.device) * (self.d_out / (n * self.scaling))
                 self.out_cross.copy_(out_cross.to(self.out_cross))
                 self.out_gram.copy_((self.b0.double().transpose(-1, -2) @ out_cross).to(self.out_gram))
@@ -432,7 +433,7 @@ class ActivationGroup(DecoderGroup):
             logit = torch.where(torch.isnan(picked), logit, picked)
         return torch.sigmoid(logit)
 
-    def forward(self, grad_a, grad_b, index=None, acts=None, request=False, out_mix: Tensor | None = None):
+    def forward(self, grad_a, grad_b, index=None, acts=None, request=False):
         lift = self._lift(acts, self.mix(index, request), index)
         if lift.dim() == 4:
             decoded = grad_b.float() @ lift
@@ -440,11 +441,11 @@ class ActivationGroup(DecoderGroup):
             k, n, heads = lift.shape[:3]  # per head: head h's rows of grad_B through its own lift
             rows = grad_b.float().reshape(k, n, heads, -1, self.r)
             decoded = (rows @ lift).reshape(k, n, -1, self.d_in)
-        if self.two_sided and grad_a is not None:
-            decoded = decoded + self._output_side(grad_a, decoded, index, out_mix)
+        if self.output_side and grad_a is not None:
+            decoded = decoded + self._output_side(grad_a, decoded, index)
         return decoded
 
-    def _output_side(self, grad_a: Tensor, decoded: Tensor, index: Tensor | None, out_mix: Tensor | None) -> Tensor:
+    def _output_side(self, grad_a: Tensor, decoded: Tensor, index: Tensor | None, out_mix: Tensor | None = None) -> Tensor:
         """What grad_A adds to the lift ``decoded``: G_hat + P (grad_A / s - B0^T G_hat) with P = M B0 (B0^T M B0)^-1,
         M = (1 - out_mix) M_out + out_mix I. It makes B0^T G_hat equal the observed B0^T G and leaves the rest
         of G_hat as the lift decoded it: the posterior mean under the two priors, when both hold."""
@@ -455,18 +456,19 @@ class ActivationGroup(DecoderGroup):
         scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(_EPS)
         eye = torch.eye(self.r, dtype=gram.dtype, device=gram.device)
         proj = torch.linalg.solve(gram + 1e-9 * scale * eye, cross.transpose(-1, -2)).transpose(-1, -2).float()
-        unseen = grad_a.float() / self.scaling - b0.float().transpose(-1, -2).unsqueeze(1) @ decoded  # [K, N, r, d_in]
-        return proj.unsqueeze(1) @ unseen
+        # B0^T G is observed; what the lift gets wrong there, [K, N, r, d_in]:
+        residual = grad_a.float() / self.scaling - b0.float().transpose(-1, -2).unsqueeze(1) @ decoded
+        return proj.unsqueeze(1) @ residual
 
     @torch.no_grad()
-    def output_scores(self, grad_a: Tensor, grad_b: Tensor, full: Tensor, acts, request: bool = True) -> Tensor:
+    def output_scores(self, grad_a: Tensor, grad_b: Tensor, full: Tensor, acts) -> Tensor:
         """Summed cosine to G [K, len(output_grid)] of the decoded gradient for each output-side mix (the
-        input side as ``forward`` decodes it); zero-offset init only."""
-        if not self.two_sided:
+        input side as ``forward`` decodes pairs); zero-offset init only."""
+        if not self.output_side:
             raise ValueError("the output-side prior reads grad_A, which is zero under the standard LoRA init")
-        one_sided = self.forward(None, grad_b, None, acts, request)
+        one_sided = self.forward(None, grad_b, None, acts)
         full = full.float()
-        scores = [pair_cosine(one_sided + self._output_side(grad_a, one_sided, None, torch.full((len(self),), value)),
+        scores = [pair_cosine(one_sided + self._output_side(grad_a, one_sided, None, torch.full((len(self),), value, device=grad_b.device)),
                               full).double().sum(-1) for value in self.output_grid]
         return torch.stack(scores, dim=-1)
 
@@ -677,6 +679,24 @@ class DecoderSet(nn.Module):
             else:
                 self.groups[key].set_calibration(choice)
 
+    def output_scores(self, stacked: dict) -> dict[str, Tensor]:
+        """Per group with an output-side prior (activation decoders under the zero-offset init): summed cosines
+        per (matrix, output-side mix) [K, M] of a stacked batch, after ``calibrate``; they add up over batches
+        and workers, and ``calibrate_output`` picks the best mix per matrix."""
+        out = {}
+        for key, part in stacked.items():
+            group = self.groups[key]
+            if group.output_side:
+                if part.names != group.names:
+                    raise ValueError(f"calibration needs every matrix of group {key}")
+                out[key] = group.output_scores(part.grad_a, part.grad_b, part.full, part.acts).double()
+        return out
+
+    def calibrate_output(self, scores: dict[str, Tensor]) -> None:
+        """Pick each member's output-side mix with the best summed score [K, grid] (``output_scores``)."""
+        for key, group_scores in scores.items():
+            self.groups[key].set_output_calibration(group_scores.argmax(dim=-1))
+
     @property
     def has_token_weights(self) -> bool:
         """True when some activation decoder has fitted (non-zero) token-weight coefficients."""
@@ -739,6 +759,11 @@ def fit_local(decoders: DecoderSet, batches: list[dict], steps: int, lr: float =
             for key, sc in decoders.calibration_scores(s).items():
                 scores[key] = scores[key] + sc if key in scores else sc
         decoders.calibrate(scores)
+        scores = {}
+        for s in stacked:
+            for key, sc in decoders.output_scores(s).items():
+                scores[key] = scores[key] + sc if key in scores else sc
+        decoders.calibrate_output(scores)
     params = [p for p in decoders.parameters() if p.requires_grad]
     history = []
     if not params:

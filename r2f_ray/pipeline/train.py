@@ -191,19 +191,25 @@ def train_loop(cfg: dict) -> None:
             st = stats.get(key) or RidgeStats.zeros(len(group), group.r, group.d_in, group.d_out)
             stats[key] = RidgeStats(*(_all_reduce(t.to(device)).cpu() for t in st.tensors()))
         decoders.init_ridge(stats, cfg["ridge"])
+
+        def summed_scores(score_fn, keys: list[str], grid_of) -> dict[str, torch.Tensor]:
+            # One pass over this worker's shard, then summed over workers (zeros where a shard had no batch).
+            scores: dict[str, torch.Tensor] = {}
+            for stacked in batches(train_shard):
+                for key, sc in score_fn(stacked).items():
+                    scores[key] = scores[key] + sc if key in scores else sc
+            empty = {k: torch.zeros(len(decoders.groups[k]), len(grid_of(decoders.groups[k])), dtype=torch.float64)
+                     for k in keys}
+            return {k: _all_reduce(scores.get(k, empty[k]).to(device)).cpu() for k in keys}
+
         # Then the kinds with a calibrated setting (a grid per matrix) score each value on a second pass.
         calibrated = sorted(k for k, g in decoders.groups.items() if g.calibration_grid)
         if calibrated:
-            scores: dict[str, torch.Tensor] = {}
-            for stacked in batches(train_shard):
-                for key, sc in decoders.calibration_scores(stacked).items():
-                    scores[key] = scores[key] + sc if key in scores else sc
-            for key in calibrated:
-                group = decoders.groups[key]
-                sc = scores.get(key)
-                sc = sc if sc is not None else torch.zeros(len(group), len(group.calibration_grid), dtype=torch.float64)
-                scores[key] = _all_reduce(sc.to(device)).cpu()
-            decoders.calibrate(scores)
+            decoders.calibrate(summed_scores(decoders.calibration_scores, calibrated, lambda g: g.calibration_grid))
+        # Activation decoders under the zero-offset init: a third pass picks the output-side mix given that one.
+        output_side = sorted(k for k, g in decoders.groups.items() if g.output_side)
+        if output_side:
+            decoders.calibrate_output(summed_scores(decoders.output_scores, output_side, lambda g: g.output_grid))
     else:
         with checkpoint.as_directory() as d:
             saved = json.loads((Path(d) / STATE).read_text())
