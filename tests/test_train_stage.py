@@ -136,6 +136,9 @@ def test_two_worker_deepspeed_run_survives_a_killed_worker_and_resumes(ray_sessi
     assert bank.kinds["v_proj"] == "activation" and bank.kinds["q_proj"] == "sketch"
     v_group = next(g for g in bank.decoders.groups.values() if g.kind == "activation")
     assert float(v_group.prior_gram.abs().sum()) > 0  # the closed-form prior was fitted and saved
+    # and, under the zero-offset init, the output-side prior and its mix, picked on pairs summed over workers
+    assert float(v_group.out_cross.abs().sum()) > 0
+    assert set(v_group.out_mix.tolist()) <= {float(torch.tensor(x)) for x in v_group.output_grid}
     mix = torch.sigmoid(v_group.mix_logit.detach())
     assert ((mix > 0.005) & (mix < 0.995)).all()
     per_matrix, baselines = info["heldout"]["per_matrix"], info["heldout"]["baselines"]
