@@ -303,3 +303,19 @@ def test_output_side_prior_is_picked_where_gradients_leave_through_few_direction
     identity = mean_cos(decoders, held_out)
     assert picked > 0.99 > identity + 0.05
     assert identity > one_sided
+
+
+def test_output_scores_equal_the_decoded_cosines():
+    spec = LoraSpec(r=R, init="zero_offset")
+    infos = matrices()
+    batch = synthetic(spec, infos, 5, fixed_rows=False, seed=3, tokens=6)
+    decoders = DecoderSet(infos, spec, "activation")
+    fit_local(decoders, [synthetic(spec, infos, 8, fixed_rows=False, seed=4, tokens=6)], steps=0)
+    key, part = next(iter(decoders.stack(batch).items()))
+    group = decoders.groups[key]
+    scores = group.output_scores(part.grad_a, part.grad_b, part.full, part.acts)
+    for j, value in enumerate(group.output_grid):
+        with torch.no_grad():
+            group.out_mix.fill_(value)
+            pred = group(part.grad_a, part.grad_b, None, part.acts)
+        torch.testing.assert_close(scores[:, j].float(), pair_cosine(pred, part.full).sum(-1), rtol=1e-4, atol=1e-5)

@@ -445,31 +445,60 @@ class ActivationGroup(DecoderGroup):
             decoded = decoded + self._output_side(grad_a, decoded, index)
         return decoded
 
-    def _output_side(self, grad_a: Tensor, decoded: Tensor, index: Tensor | None, out_mix: Tensor | None = None) -> Tensor:
-        """What grad_A adds to the lift ``decoded``: G_hat + P (grad_A / s - B0^T G_hat) with P = M B0 (B0^T M B0)^-1,
-        M = (1 - out_mix) M_out + out_mix I. It makes B0^T G_hat equal the observed B0^T G and leaves the rest
-        of G_hat as the lift decoded it: the posterior mean under the two priors, when both hold."""
+    def _output_projection(self, index: Tensor | None, out_mix: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(M B0 [K, d_out, r], (B0^T M B0)^-1 [K, r, r]) in fp64 with M = (1 - out_mix) M_out + out_mix I: their
+        product P is what ``_output_side`` applies."""
         lam = (self._pick(self.out_mix, index) if out_mix is None else out_mix.float()).double().view(-1, 1, 1)
         b0 = self._pick(self.b0, index).double()
-        cross = (1 - lam) * self._pick(self.out_cross, index).double() + lam * b0  # [K, d_out, r]
+        cross = (1 - lam) * self._pick(self.out_cross, index).double() + lam * b0
         gram = (1 - lam) * self._pick(self.out_gram, index).double() + lam * b0.transpose(-1, -2) @ b0
         scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None].clamp_min(_EPS)
         eye = torch.eye(self.r, dtype=gram.dtype, device=gram.device)
-        proj = torch.linalg.solve(gram + 1e-9 * scale * eye, cross.transpose(-1, -2)).transpose(-1, -2).float()
-        # B0^T G is observed; what the lift gets wrong there, [K, N, r, d_in]:
-        residual = grad_a.float() / self.scaling - b0.float().transpose(-1, -2).unsqueeze(1) @ decoded
-        return proj.unsqueeze(1) @ residual
+        return cross, torch.linalg.inv(gram + 1e-9 * scale * eye)
+
+    def _output_residual(self, grad_a: Tensor, decoded: Tensor, index: Tensor | None) -> Tensor:
+        """B0^T G is observed (grad_A / s): what ``decoded`` gets wrong there, [K, N, r, d_in]."""
+        return grad_a.float() / self.scaling - self._pick(self.b0, index).transpose(-1, -2).unsqueeze(1) @ decoded
+
+    def _output_side(self, grad_a: Tensor, decoded: Tensor, index: Tensor | None, out_mix: Tensor | None = None) -> Tensor:
+        """What grad_A adds to the lift ``decoded``: P (grad_A / s - B0^T G_hat) with P = M B0 (B0^T M B0)^-1,
+        M = (1 - out_mix) M_out + out_mix I. It makes B0^T G_hat equal the observed B0^T G and leaves the rest
+        of G_hat as the lift decoded it: the posterior mean under the two priors, when both hold."""
+        cross, inv = self._output_projection(index, out_mix)
+        return (cross @ inv).float().unsqueeze(1) @ self._output_residual(grad_a, decoded, index)
 
     @torch.no_grad()
     def output_scores(self, grad_a: Tensor, grad_b: Tensor, full: Tensor, acts) -> Tensor:
         """Summed cosine to G [K, len(output_grid)] of the decoded gradient for each output-side mix (the
-        input side as ``forward`` decodes pairs); zero-offset init only."""
+        input side as ``forward`` decodes pairs); zero-offset init only. From r-sized products: each grid value
+        costs no dense gradient (with C = P^T: <G_hat, G> = <lift, G> + <R, C G>, ||G_hat||^2 = ||lift||^2 +
+        2 <C lift, R> + <R, C P R>, R the residual on B0^T G)."""
         if not self.output_side:
             raise ValueError("the output-side prior reads grad_A, which is zero under the standard LoRA init")
-        one_sided = self.forward(None, grad_b, None, acts)
+        lift = self.forward(None, grad_b, None, acts)
         full = full.float()
-        scores = [pair_cosine(one_sided + self._output_side(grad_a, one_sided, None, torch.full((len(self),), value, device=grad_b.device)),
-                              full).double().sum(-1) for value in self.output_grid]
+        residual = self._output_residual(grad_a, lift, None).double()
+        k, n = grad_b.shape[:2]
+        sides = torch.stack([self.out_cross.float(), self.b0.float()], dim=1).transpose(-1, -2)  # [K, 2, r, d_out]
+        # [K, N, 2, r, d_in]: (M_out B0)^T and B0^T applied to G and to the lift, the products every grid value reuses
+        on_full = (sides.reshape(k, 1, 2 * self.r, -1) @ full).view(k, n, 2, self.r, -1).double()
+        on_lift = (sides.reshape(k, 1, 2 * self.r, -1) @ lift).view(k, n, 2, self.r, -1).double()
+        dot0 = (lift.reshape(k * n, 1, -1) @ full.reshape(k * n, -1, 1)).view(k, n).double()
+        lift_sq = torch.linalg.vector_norm(lift, dim=(-2, -1)).double().pow(2)
+        full_norm = torch.linalg.vector_norm(full, dim=(-2, -1)).double()
+        sides = sides.double()
+        scores = []
+        for value in self.output_grid:
+            lam = torch.full((len(self),), value, device=grad_b.device)
+            _, inv = self._output_projection(None, lam)
+            w = torch.tensor([1 - value, value], dtype=torch.float64, device=grad_b.device)
+            cross = (w[:, None, None] * sides.transpose(-1, -2)).sum(1)  # [K, d_out, r] = M B0
+            c_full = inv.transpose(-1, -2).unsqueeze(1) @ (w.view(1, 1, 2, 1, 1) * on_full).sum(2)
+            c_lift = inv.transpose(-1, -2).unsqueeze(1) @ (w.view(1, 1, 2, 1, 1) * on_lift).sum(2)
+            ptp = inv.transpose(-1, -2) @ cross.transpose(-1, -2) @ cross @ inv  # [K, r, r]
+            dot = dot0 + (residual * c_full).sum((-2, -1))
+            sq = lift_sq + 2 * (residual * c_lift).sum((-2, -1)) + (residual * (ptp.unsqueeze(1) @ residual)).sum((-2, -1))
+            scores.append((dot / (sq.clamp_min(0).sqrt() * full_norm).clamp_min(_EPS)).sum(-1))
         return torch.stack(scores, dim=-1)
 
     def set_output_calibration(self, choice: Tensor) -> None:
