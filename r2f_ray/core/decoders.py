@@ -349,8 +349,8 @@ class ActivationGroup(DecoderGroup):
     # Token-weighted request statistics want little of the proxy prior (on SmolLM2, 0.01, the pairs' grid
     # floor, was picked for most matrices), so the request mix is picked on a grid that reaches further down.
     request_grid = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
-    # Weight of the identity in the output-side prior (zero-offset init). On SmolLM2 q and k want the proxy's
-    # M_out (their rows are heads with rotary structure), the other roles the identity.
+    # Weight of the identity in the output-side prior (zero-offset init). On SmolLM2 pairs q and k pick 0.03-0.1
+    # (their rows are heads, far from isotropic), o and the MLP roles mostly 0.3, v 0.3 or 1.
     output_grid = (0.03, 0.1, 0.3, 1.0)
 
     def __init__(self, infos, spec, ridge: float = 1e-5, mix: float = 0.5):
