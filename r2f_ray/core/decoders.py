@@ -689,13 +689,16 @@ class DecoderSet(nn.Module):
     def calibration_scores(self, stacked: dict) -> dict[str, Tensor]:
         """Per group that calibrates: summed cosines per (matrix, grid value) [K, M] of a stacked batch;
         they add up over batches and workers, and ``calibrate`` picks the best value per matrix."""
+        return self._scores(stacked, lambda g: bool(g.calibration_grid), lambda g: g.calibration_scores)
+
+    def _scores(self, stacked: dict, wanted, method) -> dict[str, Tensor]:
         out = {}
         for key, part in stacked.items():
             group = self.groups[key]
-            if group.calibration_grid:
+            if wanted(group):
                 if part.names != group.names:
                     raise ValueError(f"calibration needs every matrix of group {key}")
-                out[key] = group.calibration_scores(part.grad_a, part.grad_b, part.full, part.acts).double()
+                out[key] = method(group)(part.grad_a, part.grad_b, part.full, part.acts).double()
         return out
 
     def calibrate(self, scores: dict[str, Tensor], request: bool = False) -> None:
@@ -712,14 +715,7 @@ class DecoderSet(nn.Module):
         """Per group with an output-side prior (activation decoders under the zero-offset init): summed cosines
         per (matrix, output-side mix) [K, M] of a stacked batch, after ``calibrate``; they add up over batches
         and workers, and ``calibrate_output`` picks the best mix per matrix."""
-        out = {}
-        for key, part in stacked.items():
-            group = self.groups[key]
-            if group.output_side:
-                if part.names != group.names:
-                    raise ValueError(f"calibration needs every matrix of group {key}")
-                out[key] = group.output_scores(part.grad_a, part.grad_b, part.full, part.acts).double()
-        return out
+        return self._scores(stacked, lambda g: g.output_side, lambda g: g.output_scores)
 
     def calibrate_output(self, scores: dict[str, Tensor]) -> None:
         """Pick each member's output-side mix with the best summed score [K, grid] (``output_scores``)."""
