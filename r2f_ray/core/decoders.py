@@ -683,7 +683,8 @@ class DecoderSet(nn.Module):
             if self.groups[key].fits_ridge:
                 if part.names != self.groups[key].names:
                     raise ValueError(f"ridge statistics need every matrix of group {key}")
-                out[key] = RidgeStats.from_batch(part.grad_b, part.full, part.grad_a)
+                grad_a = part.grad_a if self.groups[key].output_side else None  # only it reads the output side
+                out[key] = RidgeStats.from_batch(part.grad_b, part.full, grad_a)
         return out
 
     def calibration_scores(self, stacked: dict) -> dict[str, Tensor]:
