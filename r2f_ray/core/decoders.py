@@ -486,13 +486,11 @@ class ActivationGroup(DecoderGroup):
         dot0 = (lift.reshape(k * n, 1, -1) @ full.reshape(k * n, -1, 1)).view(k, n).double()
         lift_sq = torch.linalg.vector_norm(lift, dim=(-2, -1)).double().pow(2)
         full_norm = torch.linalg.vector_norm(full, dim=(-2, -1)).double()
-        sides = sides.double()
         scores = []
         for value in self.output_grid:
             lam = torch.full((len(self),), value, device=grad_b.device)
-            _, inv = self._output_projection(None, lam)
+            cross, inv = self._output_projection(None, lam)  # M B0, (B0^T M B0)^-1
             w = torch.tensor([1 - value, value], dtype=torch.float64, device=grad_b.device)
-            cross = (w[:, None, None] * sides.transpose(-1, -2)).sum(1)  # [K, d_out, r] = M B0
             c_full = inv.transpose(-1, -2).unsqueeze(1) @ (w.view(1, 1, 2, 1, 1) * on_full).sum(2)
             c_lift = inv.transpose(-1, -2).unsqueeze(1) @ (w.view(1, 1, 2, 1, 1) * on_lift).sum(2)
             ptp = inv.transpose(-1, -2) @ cross.transpose(-1, -2) @ cross @ inv  # [K, r, r]
