@@ -44,6 +44,7 @@ def test_probe_on_tiny_model_writes_json(tmp_path):
     (["demo", "--set", "pair_examples=8"], "too few for 2 training workers"),
     (["demo", "--set", "zero_stage=4"], "zero_stage"),
     (["demo", "--set", "token_weight_facts=4"], "at least 8 facts"),
+    (["demo", "--set", "lora_init=orthogonal"], "lora_init"),
     (["train", "--pairs", "/no/such/pairs", "--output", "/no/such/bank"], "pairs"),
 ])
 def test_usage_errors_exit_2_with_a_clear_message(args, message):
@@ -51,6 +52,14 @@ def test_usage_errors_exit_2_with_a_clear_message(args, message):
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_demo_pairs_take_the_configured_lora_init(tmp_path):
+    # The pairs' spec becomes the bank's, and the service and evaluation take theirs from the bank.
+    from r2f_ray.demo import DemoConfig, pairs_config
+
+    assert pairs_config(DemoConfig(), tmp_path).lora.init == "zero_offset"
+    assert pairs_config(DemoConfig(lora_init="standard"), tmp_path).lora.init == "standard"
 
 
 @pytest.mark.slow
