@@ -13,7 +13,7 @@ import torch
 from r2f_ray.assets import tiny_llama, weights_hash
 from r2f_ray.core.bank import DecoderBank
 from r2f_ray.core.linalg import cosine
-from r2f_ray.core.lora import LoraProbe, LoraSpec
+from r2f_ray.core.lora import LoraProbe, LoraSpec, init_factors
 from r2f_ray.core.paraphrase import make_views
 from r2f_ray.core.targets import resolve_targets
 from r2f_ray.core.unlearn import (DEFAULT_RETAIN, METHODS, Context, ForgetRequest, StepConfig, UnlearnConfig,
@@ -65,12 +65,12 @@ def naive_bank(model, spec=SPEC):
     return DecoderBank.naive(spec, resolve_targets(model, list(spec.target_modules)), "tiny", weights_hash(model))
 
 
-def activation_bank(model, tok) -> DecoderBank:
+def activation_bank(model, tok, spec=SPEC) -> DecoderBank:
     """An activation bank whose prior is the covariance of one sentence's inputs (forward passes only)."""
     from r2f_ray.core.decoders import DecoderSet, input_covariance
 
     ids = tok(["The weather today is mild and the market opens at nine."], return_tensors="pt").input_ids
-    decoders = DecoderSet(resolve_targets(model, list(SPEC.target_modules)), SPEC, "activation")
+    decoders = DecoderSet(resolve_targets(model, list(spec.target_modules)), spec, "activation")
     for group in decoders.groups.values():
         cov = input_covariance(model, group.names, ids)
         group.init_covariance(torch.stack([cov[n] for n in group.names]))
@@ -171,6 +171,25 @@ def test_r2f_feeds_an_activation_bank_the_request_inputs(fresh, taught, token_we
         return torch.cat([res.deltas[n].flatten() for n in names])
 
     assert cosine(flat(act), flat(exact)) > cosine(flat(naive), flat(exact)) + 0.1
+
+
+def test_r2f_with_a_zero_offset_activation_bank_reproduces_grad_a(fresh):
+    # Under the zero-offset init grad_A = s B0^T G is observed too, and the activation decoders make the decoded
+    # gradient agree with it (here under the identity output-side prior, a fresh bank's): so does the one-shot
+    # update, up to its one global scale, in every decoded matrix.
+    model, tok = fresh
+    spec = SPEC.model_copy(update={"init": "zero_offset"})
+    bank = activation_bank(model, tok, spec)
+    ctx = context(model, tok, FACTS[:1], spec=spec)
+    (grads,) = _per_request_lora(*ctx.capture(), 1, ctx.matrices, spec, ctx.device)
+    res = unlearn(model, tok, FACTS[:1], decoder=bank, views=3, step=0.4)
+    seen = {m.name: init_factors(spec, m)[1].T @ res.deltas[m.name] for m in ctx.matrices}
+    wanted = {m.name: grads[m.name][0] / spec.scaling for m in ctx.matrices}
+    first = ctx.matrices[0].name
+    scale = float((seen[first] * wanted[first]).sum() / wanted[first].pow(2).sum())
+    assert scale > 0  # ascent: the update follows the gradient
+    for m in ctx.matrices:
+        torch.testing.assert_close(seen[m.name], scale * wanted[m.name], rtol=1e-3, atol=1e-3 * float(seen[m.name].abs().max()))
 
 
 def test_fused_exact_equals_exact_multiview_without_keeping_gradients(fresh, taught):
