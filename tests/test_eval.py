@@ -152,6 +152,9 @@ def test_harness_end_to_end_writes_json_markdown_and_html(taught, tmp_path):
     assert "| exact_multiview |" in md and "USR" in md
     assert "data:image/png;base64," in open(paths["html"]).read()
     assert markdown_table(result).splitlines()[0].startswith("Model tiny-taught")
+    # The LoRA spec in effect is the bank's (here the naive bank's), recorded and named in the table's header.
+    assert result["lora_specs"] == [LoraSpec(r=4).model_dump(mode="json")]
+    assert "LoRA r=4, standard init" in markdown_table(result).splitlines()[0]
     assert "<table>" in html_report(result)
 
 

@@ -214,10 +214,12 @@ def run_evaluation(config: EvalConfig, progress: bool = True, log: Callable[[str
         f"{config.heldout_tokens} tokens), general MC accuracy {probe.mc0:.1f} % ({len(probe.mc)} questions)")
 
     rows: list[dict] = []
+    lora_specs: list[dict] = []  # the banks' own specs: config.lora is only the naive bank's
     total = config.runs * config.facts * len(config.methods)
     bar = tqdm(total=total, desc="evaluate: deletions", disable=not progress)
     for run in range(config.runs):
         bank = _bank(config, loaded, run)
+        lora_specs.append(bank.spec.model_dump(mode="json"))
         facts = forget_pool[run * config.facts:(run + 1) * config.facts]
         for fact in facts:
             req = ForgetRequest(fact.prompt, fact.answer, f"{fact.subject}:{fact.relation}")
@@ -271,6 +273,7 @@ def run_evaluation(config: EvalConfig, progress: bool = True, log: Callable[[str
         "what": "per-fact deletions from the original weights; metrics defined in docs/evaluation.md",
         "model": loaded.model_id, "weights_sha256": loaded.weights_sha256,
         "bank": config.bank or f"naive grad_B @ A0 (LoRA r={config.lora.r}, untrained)",
+        "lora_specs": lora_specs,
         "config": config.model_dump(mode="json"),
         "reference": {"heldout_perplexity": probe.ppl0, "mc_accuracy": probe.mc0,
                       "neighbours_known": sum(probe.nb0), "neighbours": len(neighbours)},

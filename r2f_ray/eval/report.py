@@ -30,7 +30,9 @@ def _fmt(cell: dict, key: str) -> str:
 
 def markdown_table(result: dict) -> str:
     runs = result["config"]["runs"]
-    lines = [f"Model {result['model']}; decoder bank: {result['bank']}; {result['config']['facts']} facts x {runs} run(s); "
+    spec = (result.get("lora_specs") or [None])[0]  # results written before it was recorded have none
+    lora = f"; LoRA r={spec['r']}, {spec['init']} init" if spec else ""
+    lines = [f"Model {result['model']}; decoder bank: {result['bank']}{lora}; {result['config']['facts']} facts x {runs} run(s); "
              f"step {result['config']['step']!r}; views {result['config']['views']}"
              + ("; mean ± std over runs" if runs > 1 else ""), "",
              "| method | " + " | ".join(label + (" ↑" if d == "up" else " ↓" if d == "down" else "") for _, label, d in COLUMNS)
