@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from r2f_ray.assets import LoadedModel, tiny_llama, weights_hash
+from r2f_ray.core.bank import DecoderBank
 from r2f_ray.core.lora import LoraSpec
+from r2f_ray.core.targets import resolve_targets
 from r2f_ray.core.unlearn import StepConfig, UnlearnConfig, encode_pairs, example_nll
 from r2f_ray.eval import data, metrics
 from r2f_ray.eval.harness import EvalConfig, run_evaluation, teach
@@ -158,25 +160,34 @@ def test_harness_end_to_end_writes_json_markdown_and_html(taught, tmp_path):
     assert "<table>" in html_report(result)
 
 
-def test_fact_offset_continues_the_same_fact_sample(taught):
+def test_fact_offset_continues_the_fact_sample_and_the_banks_spec_is_recorded(taught, tmp_path):
     """Known facts come in a fixed order, so offset N forgets the facts a run of N more facts would have reached."""
     model, tok, _ = taught
     loaded = LoadedModel(copy.deepcopy(model), tok, "tiny-taught", weights_hash(model))
     known = data.known_facts(model, tok, data.fact_pool(), 4, seed=0)
+    # A saved bank's spec is the one in effect, whatever config.lora (the naive bank's) says; the result records it.
+    bank_spec = LoraSpec(r=4, init="zero_offset")
+    DecoderBank.naive(bank_spec, resolve_targets(model, list(bank_spec.target_modules)), "tiny-taught",
+                      weights_hash(model)).save(tmp_path / "bank")
     config = EvalConfig(model="tiny", methods=["exact_multiview"], facts=1, fact_offset=1, neighbours=2, views=2, probes=1,
                         mia_prompts=2, heldout_texts=1, mc_questions=1, rap_steps=0, lora=LoraSpec(r=4),
+                        bank=str(tmp_path / "bank"),
                         unlearn=UnlearnConfig(step=StepConfig(retain_kl_budget=3.0, grid_max=10.24)))
     result = run_evaluation(config, progress=False, log=lambda m: None, loaded=loaded)
     assert [r["fact"] for r in result["rows"]] == [f"{known[3].subject}:{known[3].relation}"]
+    assert result["lora_specs"] == [bank_spec.model_dump(mode="json")]
 
 
-def _part(methods, facts, bank="bank-a", budget=0.1, forgotten=()):
+def _part(methods, facts, bank="bank-a", budget=0.1, forgotten=(), init=None):
     rows = [{"method": m, "run": 0, "fact": f, "rejected": f not in forgotten, "answered_before": True,
              "answered_after": f not in forgotten, "probes_before": [True], "probes_after": [f not in forgotten],
              "step": 0.1} for m in methods for f in facts]
-    return {"what": "test", "model": "m", "weights_sha256": "00", "bank": bank, "rows": rows, "table": {}, "wall_s": 1.0,
+    part = {"what": "test", "model": "m", "weights_sha256": "00", "bank": bank, "rows": rows, "table": {}, "wall_s": 1.0,
             "config": {"methods": methods, "bank": bank, "facts": len(facts), "fact_offset": 0, "runs": 1,
                        "unlearn": {"step": {"retain_kl_budget": budget}}, "step": "auto", "views": 5}}
+    if init:
+        part["lora_specs"] = [LoraSpec(r=4, init=init).model_dump(mode="json")]
+    return part
 
 
 def test_merge_results_builds_one_table_from_continuing_parts_and_refuses_the_rest():
@@ -197,6 +208,13 @@ def test_merge_results_builds_one_table_from_continuing_parts_and_refuses_the_re
         merge_results([first, _part(["r2f"], ["c"], budget=0.2)])
     with pytest.raises(ValueError, match="different banks"):
         merge_results([first, _part(["r2f"], ["c"], bank="bank-b")])
+    # LoRA_mul runs with the bank's spec too: parts under different inits are not one table.
+    standard, zero_offset = _part(["lora_mul"], ["a"], init="standard"), _part(["lora_mul"], ["b"], init="zero_offset")
+    with pytest.raises(ValueError, match="different LoRA specs"):
+        merge_results([standard, zero_offset])
+    assert [s["init"] for s in merge_results([standard, _part(["lora_mul"], ["c"], init="standard")])["lora_specs"]] == \
+        ["standard", "standard"]
+    assert "lora_specs" not in merge_results([standard, _part(["lora_mul"], ["c"])])  # one part never recorded its spec
     with pytest.raises(ValueError, match="at least two"):
         merge_results([first])
 

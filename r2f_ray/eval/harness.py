@@ -11,6 +11,7 @@ forgets facts one after another on one model and tracks USR, GUR and neighbours 
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -164,6 +165,11 @@ def merge_results(parts: list[dict]) -> dict:
                   and part["config"].get(k) != first["config"].get(k)}
         if differ:
             raise ValueError(f"the results differ in protocol settings {sorted(differ)}: they are not one sample")
+    specs = [p.get("lora_specs") for p in parts]  # parts written before specs were recorded have none
+    if all(specs) and len({json.dumps({k: v for k, v in spec.items() if k != "seed"}, sort_keys=True)
+                           for part_specs in specs for spec in part_specs}) > 1:
+        raise ValueError("the results ran with different LoRA specs (see their lora_specs): a table compares methods "
+                         "under one spec")
     rows, sources = [], {}
     for part in parts:
         for method in part["config"]["methods"]:
@@ -176,7 +182,10 @@ def merge_results(parts: list[dict]) -> dict:
                 raise ValueError(f"{method} ran with different banks: {sources[method]} vs {part['config']['bank']}")
             sources.setdefault(method, part["config"]["bank"])
             rows += mine
-    merged = {k: v for k, v in first.items() if k not in ("rows", "table", "sequential", "membership", "wall_s", "command")}
+    merged = {k: v for k, v in first.items() if k not in ("rows", "table", "sequential", "membership", "wall_s", "command",
+                                                          "lora_specs")}
+    if all(specs):
+        merged["lora_specs"] = [spec for part_specs in specs for spec in part_specs]
     merged.update({"what": first["what"] + f"; merged from {len(parts)} results that continue one fact sample",
                    "bank": sources.get("r2f", first["bank"]), "rows": rows,
                    "table": _aggregate(rows, 1, first["config"]["unlearn"]["step"]["retain_kl_budget"]),
