@@ -36,7 +36,7 @@ class DemoConfig(BaseModel):
     heldout_fraction: float = Field(0.25, gt=0, lt=1, description="share of proxy examples held out to score the decoders")
     # zero_offset: grad_A also observes r directions of each gradient's columns, which the activation decoders
     # use (docs/BENCHMARKS.md, Zero-offset LoRA: held-out text cosine k .84 -> .94, q .90 -> .94).
-    lora_init: Literal["standard", "zero_offset"] = Field("standard", description="LoRA init of the proxy pairs, "
+    lora_init: Literal["standard", "zero_offset"] = Field("zero_offset", description="LoRA init of the proxy pairs, "
                                                           "and so of the bank, the service and the evaluation")
     # activation: the proxy prior of the ridge lift mixed with each request's own input activations
     # (docs/BENCHMARKS.md, Decoders); one extra closed-form pass over the pairs. The mlp kind costs ~64x

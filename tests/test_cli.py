@@ -58,8 +58,8 @@ def test_demo_pairs_take_the_configured_lora_init(tmp_path):
     # The pairs' spec becomes the bank's, and the service and evaluation take theirs from the bank.
     from r2f_ray.demo import DemoConfig, pairs_config
 
-    assert pairs_config(DemoConfig(), tmp_path).lora.init == "standard"
-    assert pairs_config(DemoConfig(lora_init="zero_offset"), tmp_path).lora.init == "zero_offset"
+    assert pairs_config(DemoConfig(), tmp_path).lora.init == "zero_offset"
+    assert pairs_config(DemoConfig(lora_init="standard"), tmp_path).lora.init == "standard"
 
 
 @pytest.mark.slow
