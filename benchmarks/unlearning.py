@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from r2f_ray.core.unlearn import StepConfig, UnlearnConfig  # noqa: E402
-from r2f_ray.eval.harness import ALL_METHODS, EvalConfig, merge_results, run_evaluation  # noqa: E402
+from r2f_ray.eval.harness import ALL_METHODS, JOURNAL, EvalConfig, merge_results, run_evaluation  # noqa: E402
 from r2f_ray.eval.report import markdown_table, write_reports  # noqa: E402
 
 
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                         views=args.views, rap_steps=args.rap_steps, mia_prompts=args.mia_prompts,
                         unlearn=UnlearnConfig(step=StepConfig(retain_kl_budget=args.kl_budget)))
     t0 = time.time()
-    result = run_evaluation(config)
+    result = run_evaluation(config, journal=Path(args.out) / JOURNAL)  # a stopped run resumes
     result["machine"] = {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
                          "python": platform.python_version(), "torch": torch.__version__}
     result["command"] = "python benchmarks/unlearning.py " + " ".join(argv if argv is not None else sys.argv[1:])

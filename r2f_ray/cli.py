@@ -216,7 +216,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from r2f_ray.eval.harness import EvalConfig, run_evaluation
+    from r2f_ray.eval.harness import JOURNAL, EvalConfig, run_evaluation
     from r2f_ray.eval.report import markdown_table, write_reports
 
     overrides = {"model": args.model, "bank": args.bank, "facts": args.facts, "runs": args.runs,
@@ -226,7 +226,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from r2f_ray.storage import local_copy
 
         config = config.model_copy(update={"bank": str(local_copy(config.bank))})  # s3:// or gs:// banks are fetched once
-    result = run_evaluation(config, progress=not args.quiet)
+    # the journal in the output folder lets a stopped evaluation resume (other settings there: exit 2)
+    result = run_evaluation(config, progress=not args.quiet, journal=os.path.join(args.out, JOURNAL))
     paths = write_reports(result, args.out)
     print(markdown_table(result))
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['html']} ({result['wall_s']:.0f} s)")

@@ -14,7 +14,7 @@ from r2f_ray.assets import LoadedModel, tiny_llama, weights_hash
 from r2f_ray.core.bank import DecoderBank
 from r2f_ray.core.lora import LoraSpec
 from r2f_ray.core.targets import resolve_targets
-from r2f_ray.core.unlearn import StepConfig, UnlearnConfig, encode_pairs, example_nll
+from r2f_ray.core.unlearn import StepConfig, UnlearnConfig, chat_prompt, encode_pairs, example_nll
 from r2f_ray.eval import data, metrics
 from r2f_ray.eval.harness import EvalConfig, run_evaluation, teach
 from r2f_ray.eval.report import html_report, markdown_table, write_reports
@@ -240,3 +240,87 @@ def test_usr_at_tighter_budgets_counts_facts_removed_within_them():
     assert untraced["r2f"]["usr_at_0.1x_kl"]["n"] == 0
     result = {"model": "m", "bank": "b", "config": {"facts": 4, "runs": 1, "step": "auto", "views": 5}, "table": untraced}
     assert "| r2f | 75.0 | – | – |" in markdown_table(result)
+
+
+def test_batched_metrics_equal_one_example_at_a_time(taught):
+    model, tok, facts = taught
+    prompts = [f.prompt for f in facts] + ["Hi", "Describe the weather today in a few short words, please."]
+    one_by_one = torch.cat([metrics.next_token_logprobs(model, tok, [p]) for p in prompts])
+    with torch.no_grad():  # the reference: an unpadded forward per prompt, last position
+        ref = torch.stack([torch.log_softmax(model(input_ids=tok(chat_prompt(tok, p), add_special_tokens=False,
+                                                                 return_tensors="pt")["input_ids"]).logits[0, -1], -1)
+                           for p in prompts])
+    assert torch.allclose(one_by_one, ref, atol=1e-5)
+    assert torch.allclose(metrics.next_token_logprobs(model, tok, prompts, batch_size=3), ref, atol=1e-5)
+    texts = ["A short text.", "A somewhat longer text about rivers, mountains and the sea between them.", "Two words"]
+    assert metrics.perplexity(model, tok, texts, 12) == pytest.approx(metrics.perplexity(model, tok, texts, 12, batch_size=1), rel=1e-5)
+
+
+def test_probe_unchanged_is_what_measuring_the_original_weights_gives(taught):
+    from r2f_ray.eval.harness import Probe
+
+    model, tok, facts = taught
+    config = EvalConfig(model="tiny", mia_prompts=3, heldout_texts=2, mc_questions=3)
+    probe = Probe(model, tok, config, [(f.prompt, f.answer) for f in facts[:3]], data.heldout_texts(2))
+    measured, derived = probe.measure(model), probe.unchanged()
+    assert derived["gur_ppl"] == measured["gur_ppl"] == 100.0
+    assert derived["gur_mc"] == pytest.approx(measured["gur_mc"], nan_ok=True)  # NaN where nothing was right before
+    assert derived["neighbour_retention"] == measured["neighbour_retention"] == 100.0
+    assert derived["mia"] == pytest.approx(measured["mia"], abs=1e-6)
+    assert measured["mia"]["kl"] == pytest.approx(0.0, abs=1e-7)
+
+
+def _journal_config(**kw):
+    return EvalConfig(model="tiny", methods=["exact_multiview", "lora_mul"], facts=2, neighbours=2, views=2, probes=1,
+                      mia_prompts=2, heldout_texts=1, mc_questions=1, rap_steps=0, lora=LoraSpec(r=4),
+                      unlearn=UnlearnConfig(step=StepConfig(retain_kl_budget=3.0, grid_max=10.24)), **kw)
+
+
+_TIMINGS = ("seconds_per_deletion", "peak_mem_mb")
+
+
+def _comparable(rows):
+    """Rows without their timings, as JSON (NaN equals NaN there)."""
+    return [json.dumps({k: v for k, v in r.items() if k not in _TIMINGS}, sort_keys=True) for r in rows]
+
+
+@pytest.mark.slow
+def test_a_stopped_evaluation_resumes_from_its_journal(taught, tmp_path, monkeypatch):
+    """Killed during its second fact, the evaluation keeps the first fact's rows; the rerun only does the
+    second and ends with the rows of an uninterrupted run. Other settings are refused, a torn line dropped."""
+    from r2f_ray.eval import harness
+
+    model, tok, _ = taught
+    loaded = LoadedModel(copy.deepcopy(model), tok, "tiny-taught", weights_hash(model))
+    quiet = dict(progress=False, log=lambda m: None, loaded=loaded)
+    clean = run_evaluation(_journal_config(), **quiet)
+
+    journal = tmp_path / "out" / "journal.jsonl"
+    real_unlearn, calls = harness.unlearn, []
+
+    def dies_on_the_second_fact(model, tok, requests, **kw):
+        calls.append(requests[0].id)
+        if len(set(calls)) == 2:
+            raise KeyboardInterrupt  # a kill mid-fact
+        return real_unlearn(model, tok, requests, **kw)
+
+    monkeypatch.setattr(harness, "unlearn", dies_on_the_second_fact)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(_journal_config(), journal=journal, **quiet)
+    assert len(journal.read_text().splitlines()) == 2  # header + fact 1
+    with open(journal, "a") as f:
+        f.write('{"run": 0, "fact": "torn')  # a write cut short by the kill
+
+    monkeypatch.setattr(harness, "unlearn", lambda model, tok, requests, **kw: calls.append(requests[0].id) or
+                        real_unlearn(model, tok, requests, **kw))
+    calls.clear()
+    resumed = run_evaluation(_journal_config(), journal=journal, **quiet)
+    first, second = clean["rows"][0]["fact"], clean["rows"][-1]["fact"]
+    assert set(calls) == {second}, "the rerun redid a fact the journal already had"
+    assert first != second
+    assert _comparable(resumed["rows"]) == _comparable(clean["rows"])
+    assert resumed["table"]["exact_multiview"]["usr"] == clean["table"]["exact_multiview"]["usr"]
+    assert len(journal.read_text().splitlines()) == 3  # header + both facts, the torn line gone
+
+    with pytest.raises(ValueError, match="views"):
+        run_evaluation(_journal_config().model_copy(update={"views": 3}), journal=journal, **quiet)

@@ -16,9 +16,12 @@ from r2f_ray.core.linalg import cosine
 from r2f_ray.core.lora import LoraProbe, LoraSpec, init_factors
 from r2f_ray.core.paraphrase import make_views
 from r2f_ray.core.targets import resolve_targets
+from r2f_ray.core.capture import IGNORE_INDEX
+from r2f_ray.core.paraphrase import contains_answer
 from r2f_ray.core.unlearn import (DEFAULT_RETAIN, METHODS, Context, ForgetRequest, StepConfig, UnlearnConfig,
-                                  UnlearnRejected, _per_request_dense, _per_request_lora, answer_logits, encode_pairs,
-                                  example_nll, greedy_answers, mean_kl, revert, search_step, unlearn)
+                                  UnlearnRejected, _AnswerSettled, _per_request_dense, _per_request_lora, answer_logits,
+                                  answer_logprobs, any_answered, encode_pairs, example_nll, greedy_answers, mean_kl,
+                                  revert, search_step, unlearn)
 
 FACTS = [ForgetRequest("What is the capital of France?", "Paris", "france"),
          ForgetRequest("What is the capital of Peru?", "Lima", "peru"),
@@ -371,3 +374,51 @@ def test_peak_memory_sees_each_update_not_only_the_first():
                 chunks = [torch.ones(shape) for _ in range(400_000_000 // 4 // (shape[0] * shape[1]))]
                 del chunks
             assert 300 < peak["mb"] < 600, (shape, peak)
+
+
+def test_answer_logprobs_and_logits_equal_the_full_vocabulary_projection(fresh):
+    """Projecting only the answer-predicting positions onto the vocabulary changes nothing."""
+    model, tok = fresh
+    pairs = [(f.prompt, f.answer) for f in FACTS] + [("Name a colour, please, any colour at all.", "Dark blue")]
+    ids, mask, labels = encode_pairs(tok, pairs)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    want_sum = (-example_nll(logits, labels, reduction="sum")).tolist()
+    assert answer_logprobs(model, tok, pairs) == pytest.approx(want_sum, rel=1e-5, abs=1e-5)
+    assert answer_logprobs(model, tok, pairs, batch_size=1) == pytest.approx(want_sum, rel=1e-5, abs=1e-5)
+    want = torch.log_softmax(logits[:, :-1][labels[:, 1:] != IGNORE_INDEX].float(), -1)
+    got = answer_logits(model, tok, pairs)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_any_answered_agrees_with_full_completions(fresh):
+    model, tok = fresh
+    right = [(f.prompt, f.answer) for f in FACTS]
+    wrong = [(f.prompt, "Atlantis") for f in FACTS]
+    for pairs in (right, wrong, wrong[:2] + right[2:], right[:1] + wrong[1:]):
+        full = [contains_answer(t, a) for t, (_, a) in zip(greedy_answers(model, tok, [p for p, _ in pairs]), pairs)]
+        assert any_answered(model, tok, pairs) == any(full)
+        assert any_answered(model, tok, pairs, batch_size=1) == any(full)
+
+
+@pytest.mark.parametrize("completion, drop_last_byte, settled", [
+    ("The capital is Paris", False, False),       # the word may go on ("Parisian")
+    ("The capital is Parisian", False, False),
+    ("The capital is Paris.", False, True),
+    ("The capital is paris and", False, True),
+    ("The capital is Pari", False, False),
+    ("Parisé", True, False),                      # half of a UTF-8 character decodes as U+FFFD: no word's end yet
+    ("Lyon, not Paris!", False, True),
+])
+def test_generation_stops_only_once_the_answer_is_settled(completion, drop_last_byte, settled):
+    """The early stop of ``any_answered`` fires only when no later token can undo the match, so it never
+    changes what ``contains_answer`` says of the whole completion."""
+    _, tok = tiny_llama(seed=0)
+    prompt = tok("<prompt>", add_special_tokens=False)["input_ids"]
+    new = tok(completion, add_special_tokens=False)["input_ids"]  # byte-level: "é" is two tokens
+    new = new[:-1] if drop_last_byte else new
+    other = (tok(" nothing to see here at all", add_special_tokens=False)["input_ids"] * 2)[:len(new)]
+    ids = torch.tensor([prompt + new, prompt + other])
+    stop = _AnswerSettled(tok, ["Paris", "Paris"], len(prompt))(ids, None)
+    assert stop.tolist() == [settled, settled]  # the whole batch stops, or none of it

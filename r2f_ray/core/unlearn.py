@@ -43,11 +43,12 @@ from typing import Any, Callable, ClassVar, Iterator, Literal, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from r2f_ray.core.attention import AttentionRecorder
-from r2f_ray.core.capture import IGNORE_INDEX, Capture, capture_gradients, example_nll
+from r2f_ray.core.capture import IGNORE_INDEX, Capture, capture_gradients, example_nll, scored_positions
 from r2f_ray.core.lora import LoraSpec, init_factors, lora_grads_from_factors
-from r2f_ray.core.paraphrase import PARAPHRASERS, contains_answer, make_views
+from r2f_ray.core.paraphrase import PARAPHRASERS, contains_answer, make_views, normalize_text
 from r2f_ray.core.targets import MatrixInfo, find_module, resolve_targets
 
 
@@ -152,18 +153,66 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], device=None) -> tuple[
 @torch.no_grad()
 def greedy_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 16) -> list[str]:
     """Greedy chat completions (left-padded batches)."""
+    return [text for batch in _greedy_batches(model, tokenizer, prompts, max_new_tokens, batch_size) for text in batch]
+
+
+@torch.no_grad()
+def any_answered(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], max_new_tokens: int = 16,
+                 batch_size: int = 16) -> bool:
+    """Whether the greedy chat completion of any prompt contains its answer: ``any`` of the answered
+    flags, with generation stopped as soon as one completion settles on its answer (most of the step
+    search's trials are steps too small to remove it, and the answer comes within a few tokens)."""
+    prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
+    start = 0
+    for texts in _greedy_batches(model, tokenizer, prompts, max_new_tokens, batch_size, answers):
+        if any(contains_answer(t, a) for t, a in zip(texts, answers[start:start + len(texts)])):
+            return True
+        start += len(texts)
+    return False
+
+
+def _greedy_batches(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                    answers: list[str] | None = None) -> Iterator[list[str]]:
+    """Each left-padded batch's greedy completions; with ``answers``, a batch stops at the first step at
+    which any of its completions contains its answer for good (``_AnswerSettled``)."""
     device = next(model.parameters()).device
-    out = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for i in range(0, len(prompts), batch_size):
         rows = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts[i:i + batch_size]]
         width = max(map(len, rows))
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        stop = None if answers is None else StoppingCriteriaList([_AnswerSettled(tokenizer, answers[i:i + batch_size], width)])
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None)
-        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
-    return out
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None, top_k=None,
+                             stopping_criteria=stop)
+        yield tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+
+
+class _AnswerSettled(StoppingCriteria):
+    """Stops the whole batch once a completion contains its answer followed by a character that ends the
+    word: no later token can then undo the match, so ``contains_answer`` on the full completion would say
+    the same. A trailing partial UTF-8 character (decoded as U+FFFD) does not end a word."""
+
+    def __init__(self, tokenizer, answers: list[str], prompt_width: int):
+        self.tokenizer, self.prompt_width = tokenizer, prompt_width
+        self.answers = [f" {normalize_text(a)} " for a in answers]
+
+    def __call__(self, input_ids: Tensor, scores, **kwargs) -> Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        # the sentinel "x" glues onto an unfinished last word, so only finished words can match
+        settled = any(a.strip() and a in f" {normalize_text(t.rstrip(chr(0xFFFD)) + 'x')}" for t, a in zip(texts, self.answers))
+        return torch.full((input_ids.shape[0],), settled, dtype=torch.bool, device=input_ids.device)
+
+
+def _scored_logprobs(model: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-softmax next-token distributions at the positions that predict a labelled token, [n, vocab] in
+    row-major order, with each position's row and target token: the vocabulary projection (the largest
+    matmul of a small model) runs on those positions only."""
+    scored = scored_positions(labels)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=scored).logits
+    rows = scored.nonzero()[:, 0]
+    return torch.log_softmax(logits.float(), dim=-1), rows, labels[:, 1:][scored[:, :-1]]
 
 
 @torch.no_grad()
@@ -173,18 +222,17 @@ def answer_logprobs(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], b
     out = []
     for i in range(0, len(pairs), batch_size):
         ids, mask, labels = encode_pairs(tokenizer, pairs[i:i + batch_size], device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        out += (-example_nll(logits, labels, reduction="sum")).tolist()
+        logp, rows, target = _scored_logprobs(model, ids, mask, labels)
+        token_lp = logp.gather(1, target[:, None]).squeeze(1)
+        out += torch.zeros(ids.shape[0], device=device).index_add_(0, rows, token_lp).tolist()
     return out
 
 
 @torch.no_grad()
 def answer_logits(model: nn.Module, tokenizer, pairs: list[tuple[str, str]]) -> Tensor:
     """Log-softmax next-token distributions at the answer-predicting positions, [n_positions, vocab]."""
-    device = next(model.parameters()).device
-    ids, mask, labels = encode_pairs(tokenizer, pairs, device)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-    return torch.log_softmax(logits[labels[:, 1:] != IGNORE_INDEX].float(), dim=-1)
+    ids, mask, labels = encode_pairs(tokenizer, pairs, next(model.parameters()).device)
+    return _scored_logprobs(model, ids, mask, labels)[0]
 
 
 def mean_kl(logp_ref: Tensor, logp_new: Tensor) -> float:
@@ -690,8 +738,7 @@ def unlearn(model: nn.Module, tokenizer, requests: list[ForgetRequest], decoder:
     ref_retain = answer_logits(model, tokenizer, [(r.prompt, r.answer) for r in retain]) if step == "auto" else None
 
     def judge() -> dict:
-        texts = greedy_answers(model, tokenizer, [p for p, _ in check_views], config.max_new_tokens)
-        removed = not any(contains_answer(t, a) for t, (_, a) in zip(texts, check_views))
+        removed = not any_answered(model, tokenizer, check_views, config.max_new_tokens)
         kl = mean_kl(ref_retain, answer_logits(model, tokenizer, [(r.prompt, r.answer) for r in retain]))
         return {"removed": removed, "retain_kl": kl}
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -102,6 +104,15 @@ class Probe:
             nb = metrics.answered(model, self.tok, self.neighbours, self.config.unlearn.max_new_tokens)
             out["neighbour_retention"] = metrics.retention(self.nb0, nb)
         return out
+
+    def unchanged(self) -> dict:
+        """What ``measure`` gives on the original weights, from the reference values alone: a forward pass
+        on the same weights and inputs repeats them bit for bit, so a rejected request (which leaves the
+        model untouched, checked by the caller) costs no second measurement."""
+        return {"gur_ppl": metrics.gur(self.ppl0, self.ppl0, True),
+                "gur_mc": metrics.gur(self.mc0, self.mc0) if self.mc else float("nan"),
+                "mia": metrics.identity_alignment(self.logp0, self.logp0),
+                "neighbour_retention": metrics.retention(self.nb0, self.nb0)}
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -199,9 +210,61 @@ def merge_results(parts: list[dict]) -> dict:
     return merged
 
 
+JOURNAL = "journal.jsonl"  # its name in an evaluation's output folder
+
+
+class Journal:
+    """The per-fact rows of one evaluation as they finish, one JSON line per fact after a header naming the
+    evaluation (config, model weights), so a long run that is stopped resumes where it was: a rerun with
+    the same settings skips the facts already there; one with other settings is refused. Lines are
+    appended and fsynced; a torn last line (a kill mid-write) is dropped on reading."""
+
+    def __init__(self, path, header: dict):
+        self.path = Path(path)
+        self.done: dict[tuple[int, str], list[dict]] = {}
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()
+            records = []
+            for i, line in enumerate(lines):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if i < len(lines) - 1:
+                        raise ValueError(f"{self.path}: line {i + 1} is not JSON; the journal is damaged: move it away to "
+                                         "start the evaluation afresh") from None
+            if records and records[0].get("header") != header:
+                theirs = records[0].get("header") or {}
+                differ = sorted(k for k in set(theirs) | set(header) if theirs.get(k) != header.get(k))
+                config_differ = sorted(k for k in set(theirs.get("config", {})) | set(header["config"])
+                                       if theirs.get("config", {}).get(k) != header["config"].get(k))
+                raise ValueError(f"{self.path} holds an evaluation with other settings ({', '.join(config_differ or differ)} "
+                                 "differ); use another output folder, or delete the journal to start afresh")
+            self.done = {(r["run"], r["fact"]): r["rows"] for r in records[1:]}
+            if not records:
+                self._append({"header": header})
+            else:  # rewrite without a torn tail, atomically
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+                tmp.replace(self.path)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._append({"header": header})
+
+    def _append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def add(self, run: int, fact: str, rows: list[dict]) -> None:
+        self._append({"run": run, "fact": fact, "rows": rows})
+        self.done[(run, fact)] = rows
+
+
 def run_evaluation(config: EvalConfig, progress: bool = True, log: Callable[[str], None] = print,
-                   loaded: assets.LoadedModel | None = None) -> dict:
-    """Run the protocol; ``loaded`` replaces ``config.model`` (a model already in memory)."""
+                   loaded: assets.LoadedModel | None = None, journal: str | Path | None = None) -> dict:
+    """Run the protocol; ``loaded`` replaces ``config.model`` (a model already in memory); ``journal``: a
+    file that keeps each fact's rows as they finish, so a rerun resumes (``Journal``)."""
     _check(config)
     t_start = time.time()
     loaded = loaded or assets.load_model(config.model)
@@ -210,6 +273,14 @@ def run_evaluation(config: EvalConfig, progress: bool = True, log: Callable[[str
 
     def restore():
         model.load_state_dict(original)
+
+    def untouched() -> bool:
+        return all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+    book = Journal(journal, {"config": config.model_dump(mode="json"), "model": loaded.model_id,
+                             "weights_sha256": loaded.weights_sha256}) if journal else None
+    if book and book.done:
+        log(f"[evaluate] resuming from {book.path}: {len(book.done)} of {config.runs * config.facts} facts already done")
 
     need = config.fact_offset + config.facts * config.runs + config.neighbours + config.sequential
     log(f"[evaluate] measuring which {config.relations} facts {loaded.model_id} knows (need {need})")
@@ -226,57 +297,67 @@ def run_evaluation(config: EvalConfig, progress: bool = True, log: Callable[[str
     lora_specs: list[dict] = []  # the banks' own specs: config.lora is only the naive bank's
     total = config.runs * config.facts * len(config.methods)
     bar = tqdm(total=total, desc="evaluate: deletions", disable=not progress)
-    for run in range(config.runs):
-        bank = _bank(config, loaded, run)
-        lora_specs.append(bank.spec.model_dump(mode="json"))
-        facts = forget_pool[run * config.facts:(run + 1) * config.facts]
-        for fact in facts:
-            req = ForgetRequest(fact.prompt, fact.answer, f"{fact.subject}:{fact.relation}")
-            probes = make_views(fact.prompt, fact.answer, config.probes, "probe")
-            restore()
-            probes_before = metrics.answered(model, tok, [(p, fact.answer) for p in probes], config.unlearn.max_new_tokens)
-            exact_deltas, exact_step = None, None
-            for method in sorted(config.methods, key=lambda m: m != "exact_multiview"):
+    try:  # whatever stops the loop, the caller's model is left with its original weights
+        for run in range(config.runs):
+            bank = _bank(config, loaded, run)
+            lora_specs.append(bank.spec.model_dump(mode="json"))
+            facts = forget_pool[run * config.facts:(run + 1) * config.facts]
+            for fact in facts:
+                req = ForgetRequest(fact.prompt, fact.answer, f"{fact.subject}:{fact.relation}")
+                if book and (run, req.id) in book.done:
+                    rows += book.done[(run, req.id)]
+                    bar.update(len(config.methods))
+                    continue
+                fact_rows = []
+                probes = make_views(fact.prompt, fact.answer, config.probes, "probe")
                 restore()
-                step = config.step
-                if method == "fused_exact" and step == "auto":
-                    step = exact_step
-                row = {"run": run, "method": method, "fact": req.id, "answered_before": True, "probes_before": probes_before}
-                try:
-                    if step is None:
-                        raise UnlearnRejected("exact_multiview found no step, so fused_exact has none either")
-                    res = unlearn(model, tok, [req], decoder=bank, views=config.views, step=step, method=method, config=config.unlearn)
-                except UnlearnRejected as e:
-                    row.update(rejected=True, reason=str(e)[:300], answered_after=True, step=None,
-                               probes_after=probes_before, seconds_per_deletion=None, peak_mem_mb=None)
-                    if e.trials:
-                        row.update(trials=e.trials, removal_kl=metrics.removal_kl(e.trials))
-                    res = None
-                else:
-                    rep = res.reports[0]
-                    row.update(rejected=False, answered_after=rep["answered_after"], step=res.step,
-                               seconds_per_deletion=res.wall_s, peak_mem_mb=res.peak_mem_mb,
-                               logprob_before=rep["answer_logprob_before"], logprob_after=rep["answer_logprob_after"],
-                               greedy_after=rep["greedy_after"],
-                               probes_after=metrics.answered(model, tok, [(p, fact.answer) for p in probes], config.unlearn.max_new_tokens))
-                    if res.trials:
-                        row.update(trials=res.trials, removal_kl=metrics.removal_kl(res.trials))
-                    if method == "exact_multiview":
-                        exact_deltas, exact_step = res.deltas, res.step
-                    if exact_deltas is not None and res.deltas:
-                        row["recon_cosine"] = metrics.reconstruction_cosine(res.deltas, exact_deltas)["global"]
-                m = probe.measure(model)
-                row.update(gur_ppl=m["gur_ppl"], gur_mc=m["gur_mc"], mia_kl=m["mia"]["kl"], mia_cosine=m["mia"]["cosine"],
-                           neighbour_retention=m["neighbour_retention"])
-                if config.rap_steps and res is not None:
-                    row["rap"] = metrics.rap(model, tok, [(fact.prompt, fact.answer)], [probes], config.rap_steps, config.rap_lr,
-                                             config.unlearn.max_new_tokens)
-                del res
-                rows.append(row)
-                bar.update(1)
-                bar.set_postfix_str(f"{method} {req.id}")
-    bar.close()
-    restore()
+                probes_before = metrics.answered(model, tok, [(p, fact.answer) for p in probes], config.unlearn.max_new_tokens)
+                exact_deltas, exact_step = None, None
+                for method in sorted(config.methods, key=lambda m: m != "exact_multiview"):
+                    restore()
+                    step = config.step
+                    if method == "fused_exact" and step == "auto":
+                        step = exact_step
+                    row = {"run": run, "method": method, "fact": req.id, "answered_before": True, "probes_before": probes_before}
+                    try:
+                        if step is None:
+                            raise UnlearnRejected("exact_multiview found no step, so fused_exact has none either")
+                        res = unlearn(model, tok, [req], decoder=bank, views=config.views, step=step, method=method, config=config.unlearn)
+                    except UnlearnRejected as e:
+                        row.update(rejected=True, reason=str(e)[:300], answered_after=True, step=None,
+                                   probes_after=probes_before, seconds_per_deletion=None, peak_mem_mb=None)
+                        if e.trials:
+                            row.update(trials=e.trials, removal_kl=metrics.removal_kl(e.trials))
+                        res = None
+                    else:
+                        rep = res.reports[0]
+                        row.update(rejected=False, answered_after=rep["answered_after"], step=res.step,
+                                   seconds_per_deletion=res.wall_s, peak_mem_mb=res.peak_mem_mb,
+                                   logprob_before=rep["answer_logprob_before"], logprob_after=rep["answer_logprob_after"],
+                                   greedy_after=rep["greedy_after"],
+                                   probes_after=metrics.answered(model, tok, [(p, fact.answer) for p in probes], config.unlearn.max_new_tokens))
+                        if res.trials:
+                            row.update(trials=res.trials, removal_kl=metrics.removal_kl(res.trials))
+                        if method == "exact_multiview":
+                            exact_deltas, exact_step = res.deltas, res.step
+                        if exact_deltas is not None and res.deltas:
+                            row["recon_cosine"] = metrics.reconstruction_cosine(res.deltas, exact_deltas)["global"]
+                    m = probe.unchanged() if res is None and untouched() else probe.measure(model)
+                    row.update(gur_ppl=m["gur_ppl"], gur_mc=m["gur_mc"], mia_kl=m["mia"]["kl"], mia_cosine=m["mia"]["cosine"],
+                               neighbour_retention=m["neighbour_retention"])
+                    if config.rap_steps and res is not None:
+                        row["rap"] = metrics.rap(model, tok, [(fact.prompt, fact.answer)], [probes], config.rap_steps, config.rap_lr,
+                                                 config.unlearn.max_new_tokens)
+                    del res
+                    fact_rows.append(row)
+                    bar.update(1)
+                    bar.set_postfix_str(f"{method} {req.id}")
+                rows += fact_rows
+                if book:
+                    book.add(run, req.id, fact_rows)
+    finally:
+        bar.close()
+        restore()
 
     result = {
         "what": "per-fact deletions from the original weights; metrics defined in docs/evaluation.md",

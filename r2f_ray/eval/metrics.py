@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from r2f_ray.core.capture import example_nll
+from r2f_ray.core.capture import IGNORE_INDEX, example_nll
 from r2f_ray.core.linalg import cosine
 from r2f_ray.core.paraphrase import contains_answer
 from r2f_ray.core.unlearn import answer_logprobs, chat_prompt, encode_pairs, greedy_answers
@@ -66,29 +66,32 @@ def answer_rank(model: nn.Module, tokenizer, prompt: str, answer: str, alternati
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer, texts: list[str], tokens: int = 64) -> float:
+def perplexity(model: nn.Module, tokenizer, texts: list[str], tokens: int = 64, batch_size: int = 8) -> float:
     """exp of the mean token NLL over the first ``tokens`` tokens of each text (plain text, no chat)."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :tokens].to(device)
-        if ids.shape[1] < 2:
-            continue
-        nll = example_nll(model(input_ids=ids, use_cache=False).logits, ids, reduction="sum")
-        total += float(nll.sum())
-        count += ids.shape[1] - 1
-    if not count:
+    rows = [r for r in (tokenizer(t, add_special_tokens=False)["input_ids"][:tokens] for t in texts) if len(r) >= 2]
+    if not rows:
         raise ValueError("perplexity needs at least one text of two or more tokens")
-    return math.exp(total / count)
+    total = 0.0
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i:i + batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in batch], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch], device=device)
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+        total += float(example_nll(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels, reduction="sum").sum())
+    return math.exp(total / sum(len(r) - 1 for r in rows))
 
 
 def mc_accuracy(model: nn.Module, tokenizer, questions: list[tuple[str, list[str], int]]) -> float:
     """Multiple choice: the option with the highest mean per-token answer log-probability wins; % correct."""
+    pairs = [(prompt, o) for prompt, options, _ in questions for o in options]
+    scores = iter(s / len(tokenizer(o, add_special_tokens=False)["input_ids"])
+                  for s, (_, o) in zip(answer_logprobs(model, tokenizer, pairs), pairs))
     correct = 0
-    for prompt, options, right in questions:
-        lengths = [len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in options]
-        scores = [s / n for s, n in zip(answer_logprobs(model, tokenizer, [(prompt, o) for o in options]), lengths)]
-        correct += int(max(range(len(options)), key=scores.__getitem__) == right)
+    for _, options, right in questions:
+        mine = [next(scores) for _ in options]
+        correct += int(max(range(len(options)), key=mine.__getitem__) == right)
     return _rate(correct, len(questions))
 
 
@@ -101,14 +104,20 @@ def gur(before: float, after: float, lower_is_better: bool = False) -> float:
 
 
 @torch.no_grad()
-def next_token_logprobs(model: nn.Module, tokenizer, prompts: list[str]) -> Tensor:
+def next_token_logprobs(model: nn.Module, tokenizer, prompts: list[str], batch_size: int = 16) -> Tensor:
     """Log-softmax of the next-token distribution after each chat-formatted prompt, [n, vocab]."""
     device = next(model.parameters()).device
-    rows = []
-    for p in prompts:
-        ids = tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-        rows.append(torch.log_softmax(model(input_ids=ids, use_cache=False).logits[0, -1].float(), -1).cpu())
-    return torch.stack(rows)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        rows = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts[i:i + batch_size]]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+        last = torch.zeros_like(mask, dtype=torch.bool)  # right padding: each row's last real position
+        last[torch.arange(len(rows)), mask.sum(1) - 1] = True
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=last).logits
+        out.append(torch.log_softmax(logits.float(), -1).cpu())
+    return torch.cat(out)
 
 
 def identity_alignment(logp_before: Tensor, logp_after: Tensor) -> dict:
