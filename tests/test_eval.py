@@ -324,3 +324,19 @@ def test_a_stopped_evaluation_resumes_from_its_journal(taught, tmp_path, monkeyp
 
     with pytest.raises(ValueError, match="views"):
         run_evaluation(_journal_config().model_copy(update={"views": 3}), journal=journal, **quiet)
+
+
+def test_paired_forgetting_counts_facts_and_the_sign_test():
+    def row(method, fact, forgot, before=True, run=0):
+        return {"method": method, "run": run, "fact": fact, "answered_before": before, "answered_after": not forgot}
+
+    rows = [row("a", f, True) for f in "pqrst"] + [row("b", f, f in "pq") for f in "pqrst"]
+    rows += [row("a", "u", True, before=False), row("b", "u", False, before=False), row("a", "v", True)]  # not paired
+    pair = metrics.paired_forgetting(rows, "a", "b")
+    assert pair == {"facts": 5, "both": 2, "only_a": 3, "only_b": 0, "neither": 0, "sign_test_p": 0.25}
+    assert metrics.paired_forgetting(rows, "b", "a")["only_a"] == 3
+    same = metrics.paired_forgetting([row("a", "p", True), row("b", "p", True)], "a", "b")
+    assert same["sign_test_p"] == 1.0 and same["both"] == 1
+    # 10 discordant facts all one way: p = 2 / 2**10
+    ten = [row("a", str(i), True) for i in range(10)] + [row("b", str(i), False) for i in range(10)]
+    assert metrics.paired_forgetting(ten, "a", "b")["sign_test_p"] == pytest.approx(2 / 1024)

@@ -47,6 +47,24 @@ def removal_kl(trials: list[dict]) -> float | None:
     return min(costs) if costs else None
 
 
+def paired_forgetting(rows: list[dict], a: str, b: str) -> dict:
+    """Methods ``a`` and ``b`` fact by fact, on the facts (run, fact) both ran and the model answered before:
+    how many each forgot that the other did not, how many both or neither forgot, and the exact two-sided
+    sign-test p-value of the discordant facts (the chance of a split at least this uneven if either method
+    were as likely to be the one that forgets)."""
+    def forgotten(method):
+        return {(r["run"], r["fact"]): not r["answered_after"] for r in rows if r["method"] == method and r["answered_before"]}
+
+    fa, fb = forgotten(a), forgotten(b)
+    common = fa.keys() & fb.keys()
+    only_a = sum(fa[key] and not fb[key] for key in common)
+    only_b = sum(fb[key] and not fa[key] for key in common)
+    discordant, fewer = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(discordant, i) for i in range(fewer + 1)) / 2**discordant) if discordant else 1.0
+    return {"facts": len(common), "both": sum(fa[key] and fb[key] for key in common), f"only_{a}": only_a,
+            f"only_{b}": only_b, "neither": sum(not fa[key] and not fb[key] for key in common), "sign_test_p": p}
+
+
 def retention(before: list[bool], after: list[bool]) -> float:
     """Neighbour retention: among items answered before, the share still answered after."""
     known = [a for b, a in zip(before, after, strict=True) if b]

@@ -7,7 +7,7 @@ import html
 import io
 import math
 
-from r2f_ray.eval.metrics import TIGHTER_BUDGETS, tighter_usr_key
+from r2f_ray.eval.metrics import TIGHTER_BUDGETS, paired_forgetting, tighter_usr_key
 
 COLUMNS = [("usr", "USR %", "up"), *((tighter_usr_key(f), f"USR % at {f}x KL", "up") for f in TIGHTER_BUDGETS),
            ("apr", "APR %", "up"), ("neighbour_retention", "neighbours kept %", "up"),
@@ -41,6 +41,17 @@ def markdown_table(result: dict) -> str:
     for method, row in result["table"].items():
         lines.append(f"| {method} | " + " | ".join(_fmt(row.get(k, _UNMEASURED), k) for k, _, _ in COLUMNS)
                      + f" | {row['rejected']}/{row['deletions']} |")
+    methods = list(result["table"])
+    if len(methods) > 1:
+        lines += ["", "Fact by fact (facts answered before; p: exact two-sided sign test on the facts one forgot and the "
+                      "other did not):", "",
+                  "| methods | facts | both forgot | only the first | only the second | neither | p |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for i, a in enumerate(methods):
+            for b in methods[i + 1:]:
+                pair = paired_forgetting(result["rows"], a, b)
+                lines.append(f"| {a} vs {b} | {pair['facts']} | {pair['both']} | {pair[f'only_{a}']} | {pair[f'only_{b}']} | "
+                             f"{pair['neither']} | {pair['sign_test_p']:.3f} |")
     if result.get("parts"):
         lines += ["", f"Merged from {len(result['parts'])} results of one fact sample (each method's rows from the parts "
                       "that ran it; cosine to exact only where exact ran in the same part):"]
