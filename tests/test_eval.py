@@ -340,3 +340,13 @@ def test_paired_forgetting_counts_facts_and_the_sign_test():
     # 10 discordant facts all one way: p = 2 / 2**10
     ten = [row("a", str(i), True) for i in range(10)] + [row("b", str(i), False) for i in range(10)]
     assert metrics.paired_forgetting(ten, "a", "b")["sign_test_p"] == pytest.approx(2 / 1024)
+
+
+def test_cli_evaluate_refuses_an_output_folder_holding_another_evaluation(tmp_path, capsys):
+    from r2f_ray.cli import main
+
+    (tmp_path / "journal.jsonl").write_text(json.dumps({"header": {"config": {"facts": 99}, "model": "other"}}) + "\n")
+    assert main(["evaluate", "--model", "tiny", "--facts", "1", "--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "facts" in err and "another output folder" in err
+    assert json.loads((tmp_path / "journal.jsonl").read_text())["header"]["model"] == "other"  # left as it was
