@@ -324,6 +324,14 @@ def test_a_stopped_evaluation_resumes_from_its_journal(taught, tmp_path, monkeyp
 
     with pytest.raises(ValueError, match="views"):
         run_evaluation(_journal_config().model_copy(update={"views": 3}), journal=journal, **quiet)
+    # a bank retrained into the same folder is another bank
+    DecoderBank.naive(LoraSpec(r=4), resolve_targets(model, ["q_proj"]), "tiny-taught", weights_hash(model)).save(tmp_path / "bank")
+    banked = _journal_config(bank=str(tmp_path / "bank"))
+    run_evaluation(banked.model_copy(update={"facts": 1, "methods": ["exact_multiview"]}), journal=tmp_path / "j2.jsonl", **quiet)
+    DecoderBank.naive(LoraSpec(r=4), resolve_targets(model, ["v_proj"]), "tiny-taught", weights_hash(model)).save(
+        tmp_path / "bank", overwrite=True)
+    with pytest.raises(ValueError, match="bank_sha256"):
+        run_evaluation(banked.model_copy(update={"facts": 1, "methods": ["exact_multiview"]}), journal=tmp_path / "j2.jsonl", **quiet)
 
 
 def test_paired_forgetting_counts_facts_and_the_sign_test():

@@ -11,6 +11,7 @@ forgets facts one after another on one model and tracks USR, GUR and neighbours 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -261,6 +262,17 @@ class Journal:
         self.done[(run, fact)] = rows
 
 
+def _folder_digest(path) -> str:
+    """sha256 over a folder's files (names and bytes): a bank retrained into the same folder is another bank."""
+    digest = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def run_evaluation(config: EvalConfig, progress: bool = True, log: Callable[[str], None] = print,
                    loaded: assets.LoadedModel | None = None, journal: str | Path | None = None) -> dict:
     """Run the protocol; ``loaded`` replaces ``config.model`` (a model already in memory); ``journal``: a
@@ -278,7 +290,8 @@ def run_evaluation(config: EvalConfig, progress: bool = True, log: Callable[[str
         return all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
 
     book = Journal(journal, {"config": config.model_dump(mode="json"), "model": loaded.model_id,
-                             "weights_sha256": loaded.weights_sha256}) if journal else None
+                             "weights_sha256": loaded.weights_sha256,
+                             "bank_sha256": _folder_digest(config.bank) if config.bank else None}) if journal else None
     if book and book.done:
         log(f"[evaluate] resuming from {book.path}: {len(book.done)} of {config.runs * config.facts} facts already done")
 
