@@ -201,8 +201,8 @@ def wiki_texts(tokenizer, count: int, tokens: int, split: str = "heldout",
 def facts_eval(config: FactEvalConfig, progress: bool = True) -> dict:
     """Cosine to the exact gradient of each request (a forget fact: one chat question, loss on the answer;
     or a held-out text, loss on every token) of the naive lift, the bank as the engine decodes a request,
-    the bank with every token weighted as is (where it has token weights), and the rank-r ceiling; per
-    matrix and per role."""
+    the same with the modelled token weights (where the engine reads them from grad_A), the bank with every
+    token weighted as is (where it has token weights), and the rank-r ceiling; per matrix and per role."""
     t0 = time.time()
     loaded = assets.load_model(config.model)
     bank = assets.load_bank(config.bank, loaded, transfer=config.transfer)
@@ -215,7 +215,9 @@ def facts_eval(config: FactEvalConfig, progress: bool = True) -> dict:
         what, split = "capital facts (chat, loss on the answer)", "facts"
     names = [m.name for m in bank.matrices]
     weighted = bank.decoders.has_token_weights
-    columns: dict[str, dict[str, list[float]]] = {c: {} for c in ["naive", "bank", *(["bank, unweighted"] if weighted else []), "ceiling"]}
+    from_grad_a = bank.needs_acts and bank.request_weighting == "grad_a"  # also decode with the modelled weights
+    columns: dict[str, dict[str, list[float]]] = {c: {} for c in ["naive", "bank", *(["bank, modelled weights"] if from_grad_a else []),
+                                                                   *(["bank, unweighted"] if weighted else []), "ceiling"]}
     plain = DecoderSet(bank.matrices, bank.spec, "naive")
     inits = {m.name: init_factors(bank.spec, m) for m in bank.matrices}
     for start in tqdm(range(0, len(ids), config.batch_size), desc=f"eval-decoders: {split}", disable=not progress):
@@ -224,7 +226,7 @@ def facts_eval(config: FactEvalConfig, progress: bool = True) -> dict:
             cap = capture_gradients(loaded.model, ids[part], mask[part], labels[part], targets=names,
                                     output_energy=bank.needs_output_energy)
         for b in range(cap.batch_size):
-            lora, acts, unweighted, full = {}, {}, {}, {}
+            lora, acts, modelled, unweighted, full = {}, {}, {}, {}, {}
             views = bank.request_views(cap, recorder, b, names)
             for m in bank.matrices:
                 x, d = cap.factors(m.name, b)
@@ -232,9 +234,12 @@ def facts_eval(config: FactEvalConfig, progress: bool = True) -> dict:
                 lora[m.name] = lora_grads_from_factors(x, d, a0, b0, bank.spec.scaling)
                 full[m.name] = d.T.float() @ x.float()
                 if bank.needs_acts:
-                    acts[m.name] = bank.request_stats(m.name, [views[m.name]])
+                    acts[m.name] = bank.request_stats(m.name, [views[m.name]], lora[m.name][0])
+                    modelled[m.name] = bank.request_stats(m.name, [views[m.name]])
                     unweighted[m.name] = activation_stats(x, a0)
             decoded = {"bank": bank.decode(lora, acts=acts or None)}
+            if from_grad_a:
+                decoded["bank, modelled weights"] = bank.decode(lora, acts=modelled)
             if weighted:
                 decoded["bank, unweighted"] = bank.decode(lora, acts=unweighted, request=False)
             stacked = plain.stack({n: (lora[n][0][None], lora[n][1][None], full[n][None]) for n in names})

@@ -317,6 +317,7 @@ def test_a_stopped_evaluation_resumes_from_its_journal(taught, tmp_path, monkeyp
     resumed = run_evaluation(_journal_config(), journal=journal, **quiet)
     first, second = clean["rows"][0]["fact"], clean["rows"][-1]["fact"]
     assert set(calls) == {second}, "the rerun redid a fact the journal already had"
+    assert resumed["resumed_facts"] == 1 and "resumed_facts" not in clean
     assert first != second
     assert _comparable(resumed["rows"]) == _comparable(clean["rows"])
     assert resumed["table"]["exact_multiview"]["usr"] == clean["table"]["exact_multiview"]["usr"]

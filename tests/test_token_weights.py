@@ -391,3 +391,26 @@ def test_wiki_texts_follow_the_pair_split():
 def test_cli_usage_errors(args, message):
     proc = r2f(*args)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_grad_a_reveals_each_tokens_output_projections_exactly():
+    """grad_A = s (D B0)^T X: with fewer tokens than inputs, it gives P = D B0 row by row, so the token
+    energies read from it are |P_t|^2 (plus the floor), for every token; tokens sharing an input share it."""
+    from r2f_ray.core.decoders import grad_a_token_energy
+
+    g = torch.Generator().manual_seed(0)
+    x, d, b0 = torch.randn(12, 40, generator=g), torch.randn(12, 24, generator=g), torch.randn(24, 4, generator=g)
+    d[3] *= 10  # one token carries most of the gradient
+    grad_a = 2.0 * b0.T @ (d.T @ x)
+    want = (d @ b0).pow(2).sum(-1).double() * 4.0
+    got = grad_a_token_energy(x, grad_a, floor=0.0, ridge=1e-12)
+    assert torch.allclose(got, want, rtol=1e-5)
+    assert int(got.argmax()) == 3
+    floored = grad_a_token_energy(x, grad_a, floor=0.5, ridge=1e-12)
+    assert torch.allclose(floored, want + 0.5 * want.mean(), rtol=1e-5)
+    # the same input twice (a shared prompt prefix): only the sum of their gradients is observable
+    x2 = torch.cat([x, x[:1]])
+    d2 = torch.cat([d, d[:1]])
+    shared = grad_a_token_energy(x2, 2.0 * b0.T @ (d2.T @ x2), floor=0.0, ridge=1e-9)
+    assert torch.allclose(shared[0], shared[-1], rtol=1e-4)
+    assert torch.allclose(shared[0], (2 * d[0] @ b0).pow(2).sum().double() * 4.0 / 4, rtol=1e-3)

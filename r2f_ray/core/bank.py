@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from r2f_ray.config import TransferMode
 from r2f_ray.core.attention import AttentionRecorder, attention_modules, output_query_energy
 from r2f_ray.core.capture import Capture, capture_gradients
-from r2f_ray.core.decoders import (TOKEN_FEATURES, DecoderSet, activation_stats, fit_token_coefficients, input_covariance,
-                                   token_features)
+from r2f_ray.core.decoders import (TOKEN_FEATURES, DecoderSet, activation_stats, fit_token_coefficients,
+                                   grad_a_token_energy, input_covariance, token_features)
 from r2f_ray.core.lora import LoraSpec, init_factors, lora_grads_from_factors
 from r2f_ray.core.targets import MatrixInfo, resolve_targets
 from r2f_ray.io import atomic_dir
@@ -62,6 +62,10 @@ class DecoderBank:
         self.weights_sha256 = weights_sha256
         self.info = dict(info or {})  # training data, config, held-out metrics; free-form JSON
         self.transfer: str | None = None  # set by ``load`` when a transfer mode was used
+        # How ``request_stats`` weights a request's tokens: "grad_a" reads each token's gradient energy from
+        # the request's own grad_A (zero-offset init only: with B0 = 0 grad_A is zero), "model" predicts it
+        # from forward features with the fitted token weights.
+        self.request_weighting: str = "grad_a" if self.spec.init == "zero_offset" else "model"
 
     @property
     def kinds(self) -> dict[str, str]:
@@ -155,10 +159,12 @@ class DecoderBank:
         ``capture_gradients(..., output_energy=True)``; their attention energies then weight each query by it."""
         return bool(self.decoders.output_weighted)
 
-    def request_stats(self, name: str, views: list[RequestView]) -> tuple[Tensor, Tensor]:
+    def request_stats(self, name: str, views: list[RequestView], grad_a: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``activation_stats`` of one request's inputs to matrix ``name`` over its views (``request_views``),
         every token weighted by the matrix's token weights (as it comes where none were fitted); per head
-        [H, ...] when the matrix's weights use the attention feature."""
+        [H, ...] when the matrix's weights use the attention feature. With the request's (view-mean) grad_A
+        and ``request_weighting`` "grad_a", the weights are the energies it reveals (``grad_a_token_energy``),
+        shared by the heads."""
         key, i = self.decoders.where[name]
         a0 = self.decoders.groups[key].a0[i]
         per_head = self.decoders.uses_feature(name, "log_attention")
@@ -171,7 +177,10 @@ class DecoderBank:
         features = torch.cat([token_features(v.x, v.scored, v.attention if per_head else None, v.output)
                               for v in views], dim=-2).to(a0.device)
         x = torch.cat([v.x for v in views]).to(a0.device)
-        return activation_stats(x, a0, self.decoders.token_weights(name, features))
+        weights = self.decoders.token_weights(name, features)
+        if weights is not None and grad_a is not None and self.request_weighting == "grad_a":
+            weights = grad_a_token_energy(x, grad_a).to(a0.device).expand_as(weights)
+        return activation_stats(x, a0, weights)
 
     def attention_recorder(self, model: torch.nn.Module) -> AttentionRecorder:
         """Records the attention ``request_stats`` needs during a forward pass of ``model`` (the bank's
@@ -250,8 +259,9 @@ class DecoderBank:
             per_example = []
             for b in range(cap.batch_size):
                 x, d = (t.to(a0.device).float() for t in cap.factors(name, b))
-                stats = self.request_stats(name, [views[b][name]])
-                per_example.append((lora_grads_from_factors(x, d, a0, b0, self.spec.scaling)[1], d.T @ x, *stats))
+                ga, gb = lora_grads_from_factors(x, d, a0, b0, self.spec.scaling)
+                stats = self.request_stats(name, [views[b][name]], ga)
+                per_example.append((gb, d.T @ x, *stats))
             for out, column in zip((grad_b, full, gram, cross), zip(*per_example)):
                 out.append(torch.stack(column))
         stacked = [torch.stack(t) for t in (grad_b, full, gram, cross)]  # [K, N, ...]

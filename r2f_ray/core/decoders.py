@@ -124,6 +124,24 @@ def activation_stats(x: Tensor, a0: Tensor, weights: Tensor | None = None) -> tu
     return (zt @ z / total).float(), (zt @ x / total).float()
 
 
+def grad_a_token_energy(x: Tensor, grad_a: Tensor, floor: float = 0.05, ridge: float = 1e-6) -> Tensor:
+    """Per-token gradient energy read from a request's own grad_A, [T]: the activation prior's token weights
+    under the zero-offset LoRA init.
+
+    grad_A = s B0^T G = s (D B0)^T X, so where the request's inputs X [T, d_in] have full row rank (fewer
+    distinct tokens than d_in) grad_A determines P = D B0 [T, r] exactly: r projections of each token's
+    output gradient d_t. |P_t|^2 estimates |d_t|^2 up to one scale (B0 is random), the energy the
+    weights model from forward features alone; tokens that share an input (a chat template's system
+    prompt in every view) share it. ``floor`` (a fraction of the mean) keeps every token in the prior;
+    ``ridge`` (relative to the mean squared input norm) regularises near-duplicate inputs."""
+    x, grad_a = x.double(), grad_a.double().to(x.device)
+    gram = x @ x.T
+    gram.diagonal().add_(ridge * float(gram.diagonal().mean().clamp_min(_EPS)))
+    p = torch.linalg.solve(gram, x @ grad_a.T)  # [T, r]: the least-norm P with P^T X = grad_A
+    energy = p.pow(2).sum(-1)
+    return energy + floor * energy.mean().clamp_min(_EPS)
+
+
 # Per-token features of the activation prior's token weights (``token_features``).
 TOKEN_FEATURES = ("log_norm", "first", "scored", "log_scored_after", "log_to_first_scored", "log_attention",
                   "log_output")

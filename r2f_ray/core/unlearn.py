@@ -376,16 +376,16 @@ def _per_request_lora(cap: Capture, owner: list[int], n_requests: int, matrices:
     return out
 
 
-def _per_request_acts(cap: Capture, owner: list[int], n_requests: int, matrices: list[MatrixInfo], decoder,
-                      recorder: AttentionRecorder) -> list[dict[str, tuple[Tensor, Tensor]]]:
-    """Forward-only statistics of each matrix's inputs over each request's views (``DecoderBank.request_stats``),
-    with the attention energies ``recorder`` holds for the capture's forward pass."""
+def _per_request_acts(cap: Capture, owner: list[int], matrices: list[MatrixInfo], decoder, recorder: AttentionRecorder,
+                      lora: list[dict[str, tuple[Tensor, Tensor]]]) -> list[dict[str, tuple[Tensor, Tensor]]]:
+    """Statistics of each matrix's inputs over each request's views (``DecoderBank.request_stats``), with the
+    attention energies ``recorder`` holds for the capture's forward pass and each request's grad_A (``lora``)."""
     names = [m.name for m in matrices]
     views = [decoder.request_views(cap, recorder, b, names) for b in range(cap.batch_size)]
-    out = [{} for _ in range(n_requests)]
+    out = [{} for _ in lora]
     for name in names:
-        for i in range(n_requests):
-            out[i][name] = decoder.request_stats(name, [views[b][name] for b, o in enumerate(owner) if o == i])
+        for i, grads in enumerate(lora):
+            out[i][name] = decoder.request_stats(name, [views[b][name] for b, o in enumerate(owner) if o == i], grads[name][0])
     return out
 
 
@@ -437,7 +437,7 @@ class R2F(Method):
         lora = _per_request_lora(cap, owner, len(ctx.requests), ctx.matrices, ctx.spec, ctx.device)
         acts = [None] * len(lora)
         if needs_acts:
-            acts = _per_request_acts(cap, owner, len(ctx.requests), ctx.matrices, ctx.decoder, recorder)
+            acts = _per_request_acts(cap, owner, ctx.matrices, ctx.decoder, recorder, lora)
         decoded = []
         for grads, stats in zip(lora, acts):
             g_hat = ctx.decoder.decode(grads, acts=stats) if stats is not None else ctx.decoder.decode(grads)

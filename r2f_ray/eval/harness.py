@@ -223,6 +223,7 @@ class Journal:
     def __init__(self, path, header: dict):
         self.path = Path(path)
         self.done: dict[tuple[int, str], list[dict]] = {}
+        self.resumed = 0  # facts found in the journal when the evaluation started
         if self.path.exists():
             lines = self.path.read_text().splitlines()
             records = []
@@ -241,6 +242,7 @@ class Journal:
                 raise ValueError(f"{self.path} holds an evaluation with other settings ({', '.join(config_differ or differ)} "
                                  "differ); use another output folder, or delete the journal to start afresh")
             self.done = {(r["run"], r["fact"]): r["rows"] for r in records[1:]}
+            self.resumed = len(self.done)
             if not records:
                 self._append({"header": header})
             else:  # rewrite without a torn tail, atomically
@@ -388,7 +390,9 @@ def run_evaluation(config: EvalConfig, progress: bool = True, log: Callable[[str
     if config.fictitious:
         result["membership"] = run_membership(model, tok, config, loaded, progress, log)
         restore()
-    result["wall_s"] = time.time() - t_start
+    result["wall_s"] = time.time() - t_start  # this process's: facts taken from a journal cost it nothing
+    if book and book.resumed:
+        result["resumed_facts"] = book.resumed
     return result
 
 
