@@ -4,7 +4,9 @@ help? Per matrix: exact G of single Wikipedia texts (loss on every token), close
 
     .venv/bin/python benchmarks/grad_a_weights.py o_proj            # roles, comma-separated; prints the table
 """
-import itertools, math, sys, torch
+import itertools, sys
+
+import torch
 torch.set_num_threads(1)
 from r2f_ray import assets
 from r2f_ray.core.capture import capture_gradients

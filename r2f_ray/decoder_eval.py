@@ -235,7 +235,8 @@ def facts_eval(config: FactEvalConfig, progress: bool = True) -> dict:
                 full[m.name] = d.T.float() @ x.float()
                 if bank.needs_acts:
                     acts[m.name] = bank.request_stats(m.name, [views[m.name]], lora[m.name][0])
-                    modelled[m.name] = bank.request_stats(m.name, [views[m.name]])
+                    if from_grad_a:  # only then does the modelled decode differ from the bank's
+                        modelled[m.name] = bank.request_stats(m.name, [views[m.name]])
                     unweighted[m.name] = activation_stats(x, a0)
             decoded = {"bank": bank.decode(lora, acts=acts or None)}
             if from_grad_a:
