@@ -25,7 +25,10 @@ Kinds (``DECODERS``; adding one is a class plus an entry):
   implies (``core.attention``), per head, and each head's rows of G are then decoded under its own head's
   statistics. Under the zero-offset init the decoded gradient is also made to agree with grad_A = s B0^T G
   (r directions of G's columns) under an output-side prior from the proxy (see ``_output_side``); the
-  pairs' mix is still scored on the lift alone.
+  pairs' mix is still scored on the lift alone. Under that init a request's token weights come from
+  grad_A itself (``grad_a_token_energy``), and the residual-stream writers (o_proj, down_proj) are
+  decoded jointly with their neighbours in depth (``residual_writer_decode``), whose output gradients
+  are nearly the same: ``DecoderBank.decode_request`` does both.
   Needs ``acts``.
 - ``sketch``: the two-sided randomized sketch reconstruction. With Y = grad_B = s G A0^T (range
   sketch) and W = grad_A = s B0^T G (co-range sketch), Q = orth(Y) and G ~= Q (s B0^T Q)^+ W, exact
@@ -38,6 +41,7 @@ All math is plain torch: no Ray here.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
@@ -140,6 +144,65 @@ def grad_a_token_energy(x: Tensor, grad_a: Tensor, floor: float = 0.05, ridge: f
     p = torch.linalg.solve(gram, x @ grad_a.T)  # [T, r]: the least-norm P with P^T X = grad_A
     energy = p.pow(2).sum(-1)
     return energy + floor * energy.mean().clamp_min(_EPS)
+
+
+# Matrices that add their output to the residual stream, in the order they write within a layer.
+RESIDUAL_WRITER_ROLES = ("o_proj", "down_proj")
+
+
+@dataclass
+class WriterRequest:
+    """One residual-stream writer (o_proj, down_proj) as a request sees it: its inputs ``x`` [T, d_in] over
+    the request's tokens (views concatenated), its LoRA gradient (``grad_a`` [r, d_in], ``grad_b``
+    [d_out, r]), its LoRA init (``a0``, ``b0``) and per-token gradient energies ``weights`` [T]."""
+
+    x: Tensor
+    grad_a: Tensor
+    grad_b: Tensor
+    a0: Tensor
+    b0: Tensor
+    weights: Tensor
+
+
+def residual_writer_decode(writers: list[WriterRequest], target: int, correlation: float, scaling: float,
+                           ridge: float = 1e-6) -> Tensor:
+    """G_hat [d_out, d_in] of ``writers[target]`` given every listed writer's grad_B (zero-offset init).
+
+    Writers of the residual stream at neighbouring depths see nearly the same output gradient at each
+    token (the residual path carries it through: adjacent o_proj / down_proj D's agree to cosine 0.9-0.99
+    on SmolLM2), while each observes it through its own r token mixes Y = X A0^T. So the target's D
+    [T, d_out] is decoded from all of them: column by column, D[:, i] of writer a is Gaussian with
+    covariance diag(w_a) (``weights``, normalised to mean 1), and writers a, b correlate token by token
+    as ``correlation``^|a - b| sqrt(w_a w_b); grad_B_a / s = D_a^T Y_a are exact observations. The
+    posterior mean of D_target gives G = D^T X, which is then made to agree with the target's own grad_A
+    (the orthogonal correction onto B0's span). With one writer this is the ``activation`` decoder's
+    posterior with C = X^T diag(w) X and no proxy prior. ``writers`` are in residual order, on the same
+    tokens; ``ridge`` is relative to the mean observation variance."""
+    if not 0 <= correlation < 1:
+        raise ValueError(f"correlation must be in [0, 1), got {correlation}")
+    tokens = {len(w.x) for w in writers}
+    if len(tokens) != 1:
+        raise ValueError(f"writers must share the request's tokens, got token counts {sorted(tokens)}")
+    own = writers[target]
+    device = own.x.device
+    ys, ws = [], []
+    for w in writers:
+        ys.append(w.x.double().to(device) @ w.a0.double().to(device).T)  # [T, r]
+        weight = w.weights.double().to(device)
+        ws.append(weight / weight.mean().clamp_min(_EPS))
+    n = len(writers)
+    rho = torch.tensor([[correlation ** abs(a - b) for b in range(n)] for a in range(n)], dtype=torch.float64)
+    # Observation covariance [n r, n r] and the target's covariance with the observations [T, n r].
+    obs = torch.cat([torch.cat([ys[a].T @ ((rho[a, b] * (ws[a] * ws[b]).sqrt())[:, None] * ys[b]) for b in range(n)], 1)
+                     for a in range(n)])
+    cross = torch.cat([(rho[target, a] * (ws[target] * ws[a]).sqrt())[:, None] * ys[a] for a in range(n)], 1)
+    values = torch.cat([w.grad_b.double().to(device).T / scaling for w in writers])  # [n r, d_out]
+    obs.diagonal().add_(ridge * float(obs.diagonal().mean().clamp_min(_EPS)))
+    d = cross @ torch.linalg.solve(obs, values)  # [T, d_out]
+    g = d.T @ own.x.double()
+    b0 = own.b0.double().to(device)
+    g = g + b0 @ torch.linalg.solve(b0.T @ b0, own.grad_a.double().to(device) / scaling - b0.T @ g)
+    return g.float()
 
 
 # Per-token features of the activation prior's token weights (``token_features``).
