@@ -201,8 +201,9 @@ def wiki_texts(tokenizer, count: int, tokens: int, split: str = "heldout",
 def facts_eval(config: FactEvalConfig, progress: bool = True) -> dict:
     """Cosine to the exact gradient of each request (a forget fact: one chat question, loss on the answer;
     or a held-out text, loss on every token) of the naive lift, the bank as the engine decodes a request,
-    the same with the modelled token weights (where the engine reads them from grad_A), the bank with every
-    token weighted as is (where it has token weights), and the rank-r ceiling; per matrix and per role."""
+    the same with each residual-stream writer decoded from its own gradient only (where the engine uses its
+    neighbours'), with the modelled token weights (where the engine reads them from grad_A), the bank with
+    every token weighted as is (where it has token weights), and the rank-r ceiling; per matrix and per role."""
     t0 = time.time()
     loaded = assets.load_model(config.model)
     bank = assets.load_bank(config.bank, loaded, transfer=config.transfer)
@@ -216,8 +217,10 @@ def facts_eval(config: FactEvalConfig, progress: bool = True) -> dict:
     names = [m.name for m in bank.matrices]
     weighted = bank.decoders.has_token_weights
     from_grad_a = bank.needs_acts and bank.request_weighting == "grad_a"  # also decode with the modelled weights
-    columns: dict[str, dict[str, list[float]]] = {c: {} for c in ["naive", "bank", *(["bank, modelled weights"] if from_grad_a else []),
-                                                                   *(["bank, unweighted"] if weighted else []), "ceiling"]}
+    with_writers = bank.needs_acts and bank.writer_neighbours > 0  # also decode each writer from its own gradient
+    columns: dict[str, dict[str, list[float]]] = {c: {} for c in [
+        "naive", "bank", *(["bank, writers alone"] if with_writers else []),
+        *(["bank, modelled weights"] if from_grad_a else []), *(["bank, unweighted"] if weighted else []), "ceiling"]}
     plain = DecoderSet(bank.matrices, bank.spec, "naive")
     inits = {m.name: init_factors(bank.spec, m) for m in bank.matrices}
     for start in tqdm(range(0, len(ids), config.batch_size), desc=f"eval-decoders: {split}", disable=not progress):
@@ -238,7 +241,10 @@ def facts_eval(config: FactEvalConfig, progress: bool = True) -> dict:
                     if from_grad_a:  # only then does the modelled decode differ from the bank's
                         modelled[m.name] = bank.request_stats(m.name, [views[m.name]])
                     unweighted[m.name] = activation_stats(x, a0)
-            decoded = {"bank": bank.decode(lora, acts=acts or None)}
+            decoded = {"bank": bank.decode_request(lora, {n: [v] for n, v in views.items()})
+                       if bank.needs_acts else bank.decode(lora)}
+            if with_writers:
+                decoded["bank, writers alone"] = bank.decode(lora, acts=acts)
             if from_grad_a:
                 decoded["bank, modelled weights"] = bank.decode(lora, acts=modelled)
             if weighted:

@@ -15,8 +15,9 @@ from r2f_ray.assets import tiny_llama, weights_hash
 from r2f_ray.core.attention import OUTPUT_FLOOR
 from r2f_ray.core.bank import WEIGHTS, DecoderBank, RequestView
 from r2f_ray.core.capture import IGNORE_INDEX
-from r2f_ray.core.decoders import (TOKEN_FEATURES, DecoderSet, activation_stats, fit_local, fit_token_coefficients,
-                                   pair_cosine, token_features)
+from r2f_ray.core.decoders import (RESIDUAL_WRITER_ROLES, TOKEN_FEATURES, DecoderSet, WriterRequest, activation_stats,
+                                   fit_local, fit_token_coefficients, grad_a_token_energy, pair_cosine,
+                                   residual_writer_decode, token_features)
 from r2f_ray.core.lora import LoraProbe, LoraSpec, init_factors, lora_grads_from_dense, lora_grads_from_factors
 from r2f_ray.core.targets import MatrixInfo
 
@@ -285,6 +286,51 @@ def test_zero_offset_bank_decodes_requests_that_match_grad_a(tmp_path):
                                atol=1e-4 * float(grad_a.abs().max()))
     bank.save(tmp_path / "weighted")
     assert request_cosines(DecoderBank.load(tmp_path / "weighted"), weighted=True) == pytest.approx(both, abs=1e-6)
+
+
+def test_zero_offset_bank_decodes_residual_writers_with_their_neighbours(tmp_path):
+    """decode_request: every matrix but the residual-stream writers decodes as ``decode`` with the request's
+    statistics; each writer is ``residual_writer_decode`` over the writers up to writer_neighbours away in
+    residual order (o_proj before down_proj in a layer); writer_neighbours = 0 is the plain decode."""
+    spec = LoraSpec(r=4, init="zero_offset")
+    bank = DecoderBank.load(build_bank(spec, tmp_path / "zero_offset"))
+    assert bank.writer_neighbours == 2
+    model = tiny_llama(seed=0)[0]
+    probe = LoraProbe(model, spec)
+    ids, mask, labels = qa_batch(2, seed=6)
+    with bank.attention_recorder(model) as recorder:
+        cap = probe.capture(ids, mask, labels, output_energy=bank.needs_output_energy)
+    names = [m.name for m in bank.matrices]
+    # a request of two views: LoRA gradients averaged over them, statistics over both
+    grads = {}
+    for n in names:
+        per_view = [lora_grads_from_factors(*cap.factors(n, b), *probe.init[n], spec.scaling) for b in range(2)]
+        grads[n] = tuple((a + b) / 2 for a, b in zip(*per_view))
+    views = {n: [bank.request_views(cap, recorder, b, names)[n] for b in range(2)] for n in names}
+    joint = bank.decode_request(grads, views)
+    plain = bank.decode(grads, acts={n: bank.request_stats(n, views[n], grads[n][0]) for n in names})
+    writers = sorted((m for m in bank.matrices if m.role in RESIDUAL_WRITER_ROLES),
+                     key=lambda m: (m.layer, RESIDUAL_WRITER_ROLES.index(m.role)))
+    assert [m.role for m in writers[:2]] == ["o_proj", "down_proj"] and len(writers) >= 4
+    for m in bank.matrices:
+        if m not in writers:
+            torch.testing.assert_close(joint[m.name], plain[m.name])
+    requests = []
+    for m in writers:
+        x = torch.cat([v.x for v in views[m.name]])
+        requests.append(WriterRequest(x, *grads[m.name], *probe.init[m.name], grad_a_token_energy(x, grads[m.name][0])))
+    for i, m in enumerate(writers):
+        lo = max(0, i - 2)
+        want = residual_writer_decode(requests[lo:i + 3], i - lo, bank.writer_correlation, spec.scaling)
+        torch.testing.assert_close(joint[m.name], want)
+        assert not torch.allclose(joint[m.name], plain[m.name], rtol=1e-2)
+        # the decoded writer still reproduces its own grad_A
+        torch.testing.assert_close(spec.scaling * probe.init[m.name][1].T @ joint[m.name], grads[m.name][0],
+                                   rtol=1e-3, atol=1e-4 * float(grads[m.name][0].abs().max()))
+    bank.writer_neighbours = 0
+    alone = bank.decode_request(grads, views)
+    for n in names:
+        torch.testing.assert_close(alone[n], plain[n])
 
 
 def test_attention_weighted_matrices_need_the_attention_energy(activation_bank):

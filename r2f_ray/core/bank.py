@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 from r2f_ray.config import TransferMode
 from r2f_ray.core.attention import AttentionRecorder, attention_modules, output_query_energy
 from r2f_ray.core.capture import Capture, capture_gradients
-from r2f_ray.core.decoders import (TOKEN_FEATURES, DecoderSet, activation_stats, fit_token_coefficients,
-                                   grad_a_token_energy, input_covariance, token_features)
+from r2f_ray.core.decoders import (RESIDUAL_WRITER_ROLES, TOKEN_FEATURES, DecoderSet, WriterRequest, activation_stats,
+                                   fit_token_coefficients, grad_a_token_energy, input_covariance,
+                                   residual_writer_decode, token_features)
 from r2f_ray.core.lora import LoraSpec, init_factors, lora_grads_from_factors
 from r2f_ray.core.targets import MatrixInfo, resolve_targets
 from r2f_ray.io import atomic_dir
@@ -66,6 +67,12 @@ class DecoderBank:
         # the request's own grad_A (zero-offset init only: with B0 = 0 grad_A is zero), "model" predicts it
         # from forward features with the fitted token weights.
         self.request_weighting: str = "grad_a" if self.spec.init == "zero_offset" else "model"
+        # ``decode_request``: residual-stream writers (o_proj, down_proj) of an activation decoder, under the
+        # zero-offset init, are decoded from this many writers on each side too (0: each from its own
+        # gradient), their output gradients correlated writer_correlation^distance. Closed form, no training;
+        # 2 and 0.7 were the best of a small grid on SmolLM2's Wikipedia gradients (docs/BENCHMARKS.md).
+        self.writer_neighbours: int = 2 if self.spec.init == "zero_offset" else 0
+        self.writer_correlation: float = 0.7
 
     @property
     def kinds(self) -> dict[str, str]:
@@ -181,6 +188,45 @@ class DecoderBank:
         if weights is not None and grad_a is not None and self.request_weighting == "grad_a":
             weights = grad_a_token_energy(x, grad_a).to(a0.device).expand_as(weights)
         return activation_stats(x, a0, weights)
+
+    def decode_request(self, lora_grads: dict[str, tuple[Tensor, Tensor]],
+                       views: dict[str, list[RequestView]]) -> dict[str, Tensor]:
+        """Decode one request as the engine does: {name: (grad_A, grad_B)} (view means) and {name: the
+        request's ``RequestView`` per view} -> {name: G_hat}. Activation decoders read ``request_stats``;
+        with ``writer_neighbours`` the residual-stream writers are decoded with their neighbours
+        (``residual_writer_decode``) instead."""
+        acts = {n: self.request_stats(n, views[n], lora_grads[n][0]) for n in lora_grads if n in views}
+        writers = self._residual_writers(lora_grads, views)
+        rest = {n: g for n, g in lora_grads.items() if n not in writers}
+        decoded = self.decode(rest, acts={n: a for n, a in acts.items() if n in rest}) if rest else {}
+        if writers:
+            decoded.update(self._decode_writers(lora_grads, views, writers))
+        return {n: decoded[n] for n in lora_grads}
+
+    def _residual_writers(self, lora_grads, views) -> list[str]:
+        """The request's residual-stream writers that ``decode_request`` decodes jointly, in residual order."""
+        if not self.writer_neighbours or self.spec.init != "zero_offset":
+            return []
+        infos = {m.name: m for m in self.matrices}
+        names = [n for n in lora_grads if n in views and infos[n].role in RESIDUAL_WRITER_ROLES
+                 and self.decoders.groups[self.decoders.where[n][0]].needs_acts]
+        return sorted(names, key=lambda n: (infos[n].layer, RESIDUAL_WRITER_ROLES.index(infos[n].role)))
+
+    def _decode_writers(self, lora_grads, views, writers: list[str]) -> dict[str, Tensor]:
+        infos = {m.name: m for m in self.matrices}
+        requests = []
+        for n in writers:
+            a0, b0 = init_factors(self.spec, infos[n])
+            x = torch.cat([v.x for v in views[n]]).to(self.device)
+            grad_a, grad_b = (t.to(self.device) for t in lora_grads[n])
+            requests.append(WriterRequest(x, grad_a, grad_b, a0.to(self.device), b0.to(self.device),
+                                          grad_a_token_energy(x, grad_a)))
+        k = self.writer_neighbours
+        out = {}
+        for i, n in enumerate(writers):
+            lo = max(0, i - k)
+            out[n] = residual_writer_decode(requests[lo:i + k + 1], i - lo, self.writer_correlation, self.spec.scaling)
+        return out
 
     def attention_recorder(self, model: torch.nn.Module) -> AttentionRecorder:
         """Records the attention ``request_stats`` needs during a forward pass of ``model`` (the bank's

@@ -99,7 +99,8 @@ class UnlearnConfig(BaseModel):
 
 class Decoder(Protocol):
     """A decoder bank: maps per-matrix LoRA gradients to full-gradient estimates. A bank whose
-    ``needs_acts`` is true also takes ``acts=``, each matrix's ``request_stats`` over the request's views."""
+    ``needs_acts`` is true decodes with ``decode_request(lora_grads, views)``, each matrix's views of the
+    request (its inputs per view, ``request_views``)."""
 
     spec: LoraSpec
 
@@ -376,17 +377,13 @@ def _per_request_lora(cap: Capture, owner: list[int], n_requests: int, matrices:
     return out
 
 
-def _per_request_acts(cap: Capture, owner: list[int], matrices: list[MatrixInfo], decoder, recorder: AttentionRecorder,
-                      lora: list[dict[str, tuple[Tensor, Tensor]]]) -> list[dict[str, tuple[Tensor, Tensor]]]:
-    """Statistics of each matrix's inputs over each request's views (``DecoderBank.request_stats``), with the
-    attention energies ``recorder`` holds for the capture's forward pass and each request's grad_A (``lora``)."""
+def _per_request_views(cap: Capture, owner: list[int], matrices: list[MatrixInfo], decoder, recorder: AttentionRecorder,
+                       requests: int) -> list[dict[str, list]]:
+    """Each request's views of each matrix (``DecoderBank.request_views``: inputs, attention energies held by
+    ``recorder`` for the capture's forward pass), for ``DecoderBank.decode_request``."""
     names = [m.name for m in matrices]
     views = [decoder.request_views(cap, recorder, b, names) for b in range(cap.batch_size)]
-    out = [{} for _ in lora]
-    for name in names:
-        for i, grads in enumerate(lora):
-            out[i][name] = decoder.request_stats(name, [views[b][name] for b, o in enumerate(owner) if o == i], grads[name][0])
-    return out
+    return [{name: [views[b][name] for b, o in enumerate(owner) if o == i] for name in names} for i in range(requests)]
 
 
 def _global_norm(tensors) -> float:
@@ -435,12 +432,10 @@ class R2F(Method):
         with ctx.decoder.attention_recorder(ctx.model) if needs_acts else AttentionRecorder({}) as recorder:
             cap, owner = ctx.capture(output_energy=needs_acts and ctx.decoder.needs_output_energy)
         lora = _per_request_lora(cap, owner, len(ctx.requests), ctx.matrices, ctx.spec, ctx.device)
-        acts = [None] * len(lora)
-        if needs_acts:
-            acts = _per_request_acts(cap, owner, ctx.matrices, ctx.decoder, recorder, lora)
+        views = _per_request_views(cap, owner, ctx.matrices, ctx.decoder, recorder, len(lora)) if needs_acts else None
         decoded = []
-        for grads, stats in zip(lora, acts):
-            g_hat = ctx.decoder.decode(grads, acts=stats) if stats is not None else ctx.decoder.decode(grads)
+        for i, grads in enumerate(lora):
+            g_hat = ctx.decoder.decode_request(grads, views[i]) if needs_acts else ctx.decoder.decode(grads)
             decoded.append({m.name: g_hat[m.name].float().to(ctx.device) for m in ctx.matrices})
         prop = _linear_proposal(decoded, "decoded_norm")
         for norms, grads in zip(prop.grad_norms, lora):
