@@ -307,7 +307,8 @@ def plot_eval(result: dict, path: str) -> None:
     ax.set_ylabel("cosine to true gradient")
     model = f" of {result['model']}" if result.get("model") else ""
     bank = f"; bank loaded with transfer={result['bank_transfer']}" if result.get("bank_transfer") else ""
-    ax.set_title(f"decoders on {result['pairs_evaluated']} {result['split']} pairs{model}{bank}", fontsize=10)
+    what = {"facts": "forget facts", "texts": "held-out text requests"}.get(result["split"], f"{result['split']} pairs")
+    ax.set_title(f"decoders on {result['pairs_evaluated']} {what}{model}{bank}", fontsize=10)
     ax.legend(fontsize=8, ncol=len(cols), loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
