@@ -213,14 +213,14 @@ class DecoderBank:
         return sorted(names, key=lambda n: (infos[n].layer, RESIDUAL_WRITER_ROLES.index(infos[n].role)))
 
     def _decode_writers(self, lora_grads, views, writers: list[str]) -> dict[str, Tensor]:
-        infos = {m.name: m for m in self.matrices}
         requests = []
         for n in writers:
-            a0, b0 = init_factors(self.spec, infos[n])
-            x = torch.cat([v.x for v in views[n]]).to(self.device)
-            grad_a, grad_b = (t.to(self.device) for t in lora_grads[n])
-            requests.append(WriterRequest(x, grad_a, grad_b, a0.to(self.device), b0.to(self.device),
-                                          grad_a_token_energy(x, grad_a)))
+            key, i = self.decoders.where[n]
+            group = self.decoders.groups[key]
+            a0, b0 = group.a0[i], group.b0[i]
+            x = torch.cat([v.x for v in views[n]]).to(a0.device)
+            grad_a, grad_b = (t.to(a0.device) for t in lora_grads[n])
+            requests.append(WriterRequest(x, grad_a, grad_b, a0, b0, grad_a_token_energy(x, grad_a)))
         k = self.writer_neighbours
         out = {}
         for i, n in enumerate(writers):
