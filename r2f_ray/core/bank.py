@@ -195,10 +195,10 @@ class DecoderBank:
         request's ``RequestView`` per view} -> {name: G_hat}. Activation decoders read ``request_stats``;
         with ``writer_neighbours`` the residual-stream writers are decoded with their neighbours
         (``residual_writer_decode``) instead."""
-        acts = {n: self.request_stats(n, views[n], lora_grads[n][0]) for n in lora_grads if n in views}
         writers = self._residual_writers(lora_grads, views)
         rest = {n: g for n, g in lora_grads.items() if n not in writers}
-        decoded = self.decode(rest, acts={n: a for n, a in acts.items() if n in rest}) if rest else {}
+        acts = {n: self.request_stats(n, views[n], rest[n][0]) for n in rest if n in views}
+        decoded = self.decode(rest, acts=acts) if rest else {}
         if writers:
             decoded.update(self._decode_writers(lora_grads, views, writers))
         return {n: decoded[n] for n in lora_grads}
