@@ -11,7 +11,6 @@ mean cosine to the true G per role, and how alike adjacent writers' output gradi
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
@@ -20,7 +19,7 @@ import torch
 from r2f_ray import assets
 from r2f_ray.core.capture import capture_gradients
 from r2f_ray.core.decoders import RESIDUAL_WRITER_ROLES, WriterRequest, grad_a_token_energy, residual_writer_decode
-from r2f_ray.core.lora import LoraSpec, init_factors
+from r2f_ray.core.lora import LoraSpec, init_factors, lora_grads_from_factors
 from r2f_ray.core.targets import resolve_targets
 from r2f_ray.decoder_eval import wiki_texts
 from r2f_ray.io import write_json
@@ -57,13 +56,12 @@ def main() -> None:
         cap = capture_gradients(model, ids[b:b + 1], targets=names)
         requests, truths, outputs = [], [], []
         for n in names:
-            x, d = (t.double() for t in cap.factors(n, 0))
-            a0, b0 = (t.double() for t in inits[n])
-            g = d.T @ x
-            grad_a, grad_b = spec.scaling * b0.T @ g, spec.scaling * g @ a0.T
+            x, d = cap.factors(n, 0)
+            a0, b0 = inits[n]
+            grad_a, grad_b = lora_grads_from_factors(x, d, a0, b0, spec.scaling)  # as the engine computes them
             requests.append(WriterRequest(x, grad_a, grad_b, a0, b0, grad_a_token_energy(x, grad_a)))
-            truths.append(g)
-            outputs.append(d)
+            truths.append(d.double().T @ x.double())
+            outputs.append(d.double())
         for i in range(1, len(names)):
             pair = f"{writers[i - 1].role} -> {writers[i].role}"
             adjacent.setdefault(pair, []).append(cosine(outputs[i - 1], outputs[i]))
@@ -90,11 +88,11 @@ def main() -> None:
           + "; ".join(f"{pair} {mean(v):.3f} (min {min(v):.3f})" for pair, v in adjacent.items()))
     seconds = time.time() - t0
     print(f"{seconds:.0f} s")
-    write_json(args.out, {"what": "closed-form residual-writer decode, mean cosine to the true gradient per role",
-                          "model": loaded.model_id, "texts": len(ids), "tokens": args.tokens, "lora": spec.model_dump(mode="json"), "rows": rows,
-                          "adjacent_output_cosine": {k: {"mean": mean(v), "min": min(v)} for k, v in adjacent.items()},
-                          "seconds": seconds, "machine": {"platform": platform.platform(),
-                                                          "torch_threads": torch.get_num_threads()}})
+    write_json(args.out, {
+        "what": "closed-form residual-writer decode, mean cosine to the true gradient per role",
+        "model": loaded.model_id, "texts": len(ids), "tokens": args.tokens, "lora": spec.model_dump(mode="json"),
+        "rows": rows, "adjacent_output_cosine": {k: {"mean": mean(v), "min": min(v)} for k, v in adjacent.items()},
+        "seconds": seconds, "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()}})
     print(f"wrote {args.out}")
 
 

@@ -70,7 +70,7 @@ class DecoderBank:
         # ``decode_request``: residual-stream writers (o_proj, down_proj) of an activation decoder, under the
         # zero-offset init, are decoded from this many writers on each side too (0: each from its own
         # gradient), their output gradients correlated writer_correlation^distance. Closed form, no training;
-        # 2 and 0.7 were the best of a small grid on SmolLM2's Wikipedia gradients (docs/BENCHMARKS.md).
+        # 2 and 0.7 were picked on a small grid of SmolLM2 Wikipedia gradients (benchmarks/residual_writers.py).
         self.writer_neighbours: int = 2 if self.spec.init == "zero_offset" else 0
         self.writer_correlation: float = 0.7
 

@@ -169,8 +169,9 @@ def residual_writer_decode(writers: list[WriterRequest], target: int, correlatio
     """G_hat [d_out, d_in] of ``writers[target]`` given every listed writer's grad_B (zero-offset init).
 
     Writers of the residual stream at neighbouring depths see nearly the same output gradient at each
-    token (the residual path carries it through: adjacent o_proj / down_proj D's agree to cosine 0.9-0.99
-    on SmolLM2), while each observes it through its own r token mixes Y = X A0^T. So the target's D
+    token (the residual path carries it through: on SmolLM2 a layer's down_proj and the next layer's o_proj
+    agree to cosine 0.96 on average, o_proj and its own layer's down_proj to 0.82; benchmarks/residual_writers.py),
+    while each observes it through its own r token mixes Y = X A0^T. So the target's D
     [T, d_out] is decoded from all of them: column by column, D[:, i] of writer a is Gaussian with
     covariance diag(w_a) (``weights``, normalised to mean 1), and writers a, b correlate token by token
     as ``correlation``^|a - b| sqrt(w_a w_b); grad_B_a / s = D_a^T Y_a are exact observations. The
